@@ -142,15 +142,21 @@ class CfgNode(dict):
         return node, parts[-1]
 
     # -- merging ---------------------------------------------------------------------------
-    def _set_checked(self, key: str, value: Any, source: str) -> None:
-        node, leaf = self._resolve(key)
+    def _set_checked(self, key: str, value: Any, source: str, raw: bool = False) -> None:
+        """Type-check and set one key; ``raw`` values are command-line text, parsed here."""
+        try:
+            node, leaf = self._resolve(key)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (from {source})") from None
+        spec = node._keys.get(leaf)
+        if raw:
+            value = _parse_text(value, spec)
         if isinstance(node[leaf], CfgNode):
             if not isinstance(value, dict):
                 raise ConfigError(f"Config key {key!r} is a namespace; got {value!r} ({source}).")
             for k, v in value.items():
                 self._set_checked(f"{key}.{k}", v, source)
             return
-        spec = node._keys.get(leaf)
         if spec is not None:
             value = _coerce(key, value, spec, source)
         dict.__setitem__(node, leaf, value)
@@ -177,7 +183,7 @@ class CfgNode(dict):
         for key, raw in zip(opts[0::2], opts[1::2]):
             if self._frozen:
                 raise AttributeError("Config is frozen; use cfg.clone() first.")
-            self._set_checked(key, _parse_value(raw), "command line")
+            self._set_checked(key, raw, "command line", raw=True)
 
     # -- misc ------------------------------------------------------------------------------
     def clone(self) -> CfgNode:
@@ -216,10 +222,18 @@ def _set_frozen(node: CfgNode, frozen: bool) -> None:
             _set_frozen(v, frozen)
 
 
-def _parse_value(raw: Any) -> Any:
-    """Parse a command-line value: Python literal, then YAML scalar, then plain string."""
+def _parse_text(raw: Any, spec: Key | None) -> Any:
+    """Parse command-line text for a key: a string key keeps the text as given (``""`` stays
+    empty, ``a: b`` stays text); others take a Python literal, then a YAML scalar, then text."""
     if not isinstance(raw, str):
         return raw
+    if spec is not None and _accepted_types(spec) == (str,):
+        try:
+            parsed = ast.literal_eval(raw)  # a quoted string: '"abc"' -> abc
+        except (ValueError, SyntaxError):
+            return raw
+        # A container for a string key is a mistake worth reporting; numbers stay text.
+        return parsed if isinstance(parsed, (str, list, tuple, dict, set)) else raw
     try:
         return ast.literal_eval(raw)  # literals only: never executes code
     except (ValueError, SyntaxError):
@@ -235,7 +249,13 @@ def _coerce(key: str, value: Any, spec: Key, source: str) -> Any:
     if object in types:
         return value
     if (tuple in types or list in types) and isinstance(value, str):
-        value = (value,)  # "DATASETS.TRAIN coco_2017_train" means a one-element tuple
+        # Published YAML files write tuples as Python text: TRAIN: ("coco_2017_train",).
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = None
+        # Otherwise "DATASETS.TRAIN coco_2017_train" means a one-element tuple.
+        value = parsed if isinstance(parsed, (tuple, list)) else (value,)
     if isinstance(value, bool) and bool not in types:
         raise ConfigError(_type_message(key, value, types, source))
     if not isinstance(value, types):

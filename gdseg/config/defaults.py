@@ -42,6 +42,7 @@ _C.MODEL.RESNETS.DEPTH = Key(50, "ResNet depth (18, 34, 50, 101) when NAME is a 
 _C.MODEL.RESNETS.NORM = Key("FrozenBN", "Norm layer: FrozenBN, BN or SyncBN.")
 _C.MODEL.RESNETS.OUT_FEATURES = Key(("res2", "res3", "res4", "res5"), "Stages returned.")
 _C.MODEL.RESNETS.STEM_TYPE = Key("basic", "Stem type (only 'basic'; kept for compatibility).")
+_C.MODEL.RESNETS.STEM_OUT_CHANNELS = Key(64, "Stem channels; kept for compatibility, must be 64.")
 _C.MODEL.RESNETS.STRIDE_IN_1X1 = Key(False, "Stride in the 1x1 conv (MSRA) or 3x3 (torchvision).")
 _C.MODEL.RESNETS.RES5_MULTI_GRID = Key((1, 1, 1), "Kept for compatibility; must be (1, 1, 1).")
 
@@ -65,7 +66,11 @@ _C.MODEL.SWIN.USE_CHECKPOINT = Key(False, "Gradient checkpointing in Swin blocks
 
 _C.MODEL.VIT = CN()
 _C.MODEL.VIT.TIMM_NAME = Key("", "timm model name overriding the one implied by BACKBONE.NAME.")
-_C.MODEL.VIT.IMG_SIZE = Key(224, "Pretraining image size (position embeddings are resized).")
+_C.MODEL.VIT.IMG_SIZE = Key(
+    0,
+    "Size of the stored position-embedding grid in pixels (0 = the timm model's pretraining "
+    "size: 224 ViT, 384 DeiT, 518 DINOv2); any input size works (interpolated at run time).",
+)
 _C.MODEL.VIT.DROP_PATH_RATE = Key(0.1, "Stochastic depth rate.")
 _C.MODEL.VIT.OUT_CHANNELS = Key((128, 256, 512, 1024), "Channels of the strides 4/8/16/32 maps.")
 _C.MODEL.VIT.FREEZE = Key(False, "Freeze the ViT trunk (the adapter stays trainable).")
@@ -192,6 +197,8 @@ _C.DATASETS.SYNTHETIC.NUM_TRAIN = Key(400, "Images in synthetic_train.")
 _C.DATASETS.SYNTHETIC.NUM_VAL = Key(100, "Images in synthetic_val.")
 _C.DATASETS.SYNTHETIC.IMAGE_SIZE = Key(128, "Side of the synthetic images.")
 _C.DATASETS.SYNTHETIC.SEED = Key(0, "Seed of the synthetic dataset.")
+_C.DATASETS.SYNTHETIC.NUM_CLASSES = Key(5, "Shape classes (1-6; set MODEL...NUM_CLASSES to it).")
+_C.DATASETS.SYNTHETIC.MAX_INSTANCES = Key(6, "Most shapes drawn per synthetic image.")
 _C.DATASETS.SYNTHETIC.CACHE_DIR = Key("", "Cache folder; empty = ~/.cache/gdseg/synthetic.")
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +253,9 @@ _C.TEST.SCORE_THRESH = Key(0.0, "Drop detections scoring below this (evaluation 
 _C.TEST.EVALUATOR = Key("auto", "auto (from the dataset), coco or cityscapes.")
 _C.TEST.AUG = CN()
 _C.TEST.AUG.ENABLED = Key(False, "Compatibility (test-time augmentation is not implemented).")
+_C.TEST.AUG.MIN_SIZES = Key((400, 500, 600, 700, 800, 900, 1000, 1100, 1200), "Compatibility.")
+_C.TEST.AUG.MAX_SIZE = Key(4000, "Compatibility (test-time augmentation is not implemented).")
+_C.TEST.AUG.FLIP = Key(True, "Compatibility (test-time augmentation is not implemented).")
 
 
 def get_cfg() -> CN:

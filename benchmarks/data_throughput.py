@@ -1,0 +1,141 @@
+"""Images per second of the training data pipelines, per number of worker processes.
+
+Measures two loaders exactly as training builds them (``build_train_loader`` /
+``build_unlabeled_loader``): the COCO large-scale-jitter pipeline at ``INPUT.IMAGE_SIZE``
+(decode, masks, flip, resize, crop/pad) and the unlabeled weak/strong pipeline (the same
+geometry, then colour jitter, grayscale and blur for the strong view). Images are generated
+COCO-like photos (640x480 JPEGs with 3-12 polygon/RLE instances, see ``gdseg.data.synthetic``)
+or, with ``--coco-root``, a real COCO-layout folder (e.g. the tiny_coco subset).
+
+Every process (main and workers) is limited to one torch thread, so "0 workers" is one core in
+the training process and N workers use N cores. Results go to BENCHMARKS.md between the
+``data_throughput`` markers (the rest of the file is kept).
+
+    python benchmarks/data_throughput.py [--coco-root DIR] [--workers 0 1 2] [--images 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gdseg.config import get_cfg
+from gdseg.data.coco import load_coco_instances
+from gdseg.data.loader import build_train_loader, build_unlabeled_loader
+from gdseg.data.synthetic import make_synthetic_coco
+
+BEGIN, END = "<!-- data_throughput:begin -->", "<!-- data_throughput:end -->"
+
+
+def _records(args: argparse.Namespace, tmp: str) -> tuple[list[dict], str]:
+    if args.coco_root:
+        root = Path(args.coco_root)
+        json_file = root / "annotations" / f"instances_{args.coco_split}.json"
+        records, _ = load_coco_instances(json_file, root / args.coco_split)
+        return records, f"real COCO photos ({root.name}/{args.coco_split}, {len(records)} images)"
+    json_file, image_root = make_synthetic_coco(
+        tmp, num_images=args.images, image_size=(480, 640), min_instances=3, max_instances=12
+    )
+    records, _ = load_coco_instances(json_file, image_root)
+    mean = sum(len(r["annotations"]) for r in records) / len(records)
+    return records, f"generated 640x480 JPEGs ({len(records)} images, {mean:.1f} instances/image)"
+
+
+def _images_per_second(loader, num_batches: int, batch_size: int) -> float:
+    it = iter(loader)
+    next(it)  # worker start-up and first decode are not throughput
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(it)
+    elapsed = time.perf_counter() - start
+    del it
+    return num_batches * batch_size / elapsed
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = re.findall(r"model name\s*:\s*(.+)", f.read())
+        cpu = names[0].strip() if names else cpu
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs (load average {load} at the end), "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def _write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--coco-root", default="", help="COCO-layout folder with real photos")
+    parser.add_argument("--coco-split", default="train2017")
+    parser.add_argument("--images", type=int, default=48, help="generated images")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batches", type=int, default=12, help="timed batches per setting")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument(
+        "--output", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    cfg = get_cfg()
+    cfg.SEED = 0
+    cfg.INPUT.IMAGE_SIZE = args.image_size
+    cfg.SOLVER.IMS_PER_BATCH = args.batch_size
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        records, source = _records(args, tmp)
+        pipelines = {
+            f"COCO LSJ {args.image_size} (labeled)": build_train_loader,
+            f"weak + strong views {args.image_size} (unlabeled)": build_unlabeled_loader,
+        }
+        for name, build in pipelines.items():
+            for workers in args.workers:
+                cfg.DATALOADER.NUM_WORKERS = workers
+                loader = build(cfg, records, rank=0, world_size=1)
+                ips = _images_per_second(loader, args.batches, args.batch_size)
+                rows.append((name, workers, ips))
+                print(f"{name:45s} workers={workers}: {ips:6.1f} images/s", flush=True)
+
+    table = "\n".join(f"| {n} | {w} | {ips:.1f} |" for n, w, ips in rows)
+    section = f"""## Data throughput (`benchmarks/data_throughput.py`)
+
+{datetime.date.today().isoformat()}, {_machine()}.
+Input: {source}; batch {args.batch_size}, {args.batches} timed batches after one warm-up batch,
+one torch thread per process. Images per second of one training process's loader.
+
+| pipeline | workers | images/s |
+|---|---|---|
+{table}
+"""
+    _write_section(Path(args.output), section)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

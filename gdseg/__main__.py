@@ -1,0 +1,3 @@
+from gdseg.cli import main
+
+raise SystemExit(main())
