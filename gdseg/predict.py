@@ -5,7 +5,8 @@ Writes to ``out_dir``:
   ``file_name``, ``category_id``, ``category_name``, ``segmentation`` (compressed RLE, counts
   as str), ``score``, ``bbox`` ([x, y, w, h] of the mask);
 - ``images.json``: the matching COCO ``images`` + ``categories`` (no annotations), so that
-  ``COCO("images.json").loadRes("predictions.json")`` works with pycocotools;
+  ``COCO("images.json").loadRes("predictions.json")`` works with pycocotools (as long as
+  there is at least one detection: pycocotools' ``loadRes`` fails on an empty list);
 - ``overlays/<image name>.png``: masks, boxes and "class score" captions.
 
 Thresholds. Mask2Former always returns its top 100 (query, class) pairs per image, most of
@@ -134,9 +135,7 @@ def load_predictor(
     cfg.MODEL.WEIGHTS = ""
     model = _build_model(cfg)
     model.load_state_dict(_state_dict(ckpt, use_teacher))
-    if device == "auto":
-        device = cfg.MODEL.DEVICE
-    if device == "auto":
+    if device == "auto":  # the training run's MODEL.DEVICE says nothing about this machine
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
     num_classes = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)

@@ -26,6 +26,19 @@ def class_color(label: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+def _caption_font() -> str | None:
+    """A TrueType font file (DejaVu Sans, shipped with matplotlib) or None for PIL's default.
+
+    torchvision's default bitmap font has a fixed ~10 px size, unreadable on large photos.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+    return path if os.path.isfile(path) else None
+
+
 def draw_instances(
     image: torch.Tensor,
     masks: torch.Tensor,
@@ -58,12 +71,16 @@ def draw_instances(
     out = draw_segmentation_masks(image, masks, alpha=alpha, colors=colors)
     names = [class_names[c] if 0 <= c < len(class_names) else f"class_{c}" for c in labels]
     captions = [f"{n} {s:.2f}" for n, s in zip(names, scores)]
+    font = _caption_font()
+    size = max(10, round(min(image.shape[-2:]) / 40))  # scale captions with the image
     return draw_bounding_boxes(
         out,
         masks_to_boxes(masks),
         labels=captions,
         colors=colors,
-        width=2,
+        width=max(1, size // 6),
+        font=font,
+        font_size=size if font else None,
         label_colors="white",
         fill_labels=True,
         label_background_colors=colors,

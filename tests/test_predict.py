@@ -160,3 +160,21 @@ def test_predict_with_a_tiny_real_model(images, tmp_path):
         ann = res.loadAnns(res.getAnnIds(imgIds=img["id"]))[0]
         assert res.annToMask(ann).shape == (img["height"], img["width"])
     assert len(list((out / "overlays").iterdir())) == 3
+
+
+def test_teacher_weights(images, fake_checkpoint, tmp_path):
+    folder, paths = images
+    with pytest.raises(KeyError, match="teacher"):
+        predict(str(fake_checkpoint), [str(paths[0])], str(tmp_path / "t"), use_teacher=True)
+    ckpt = torch.load(fake_checkpoint, weights_only=True)
+    teacher = ColorQueryModel(2)
+    with torch.no_grad():
+        teacher.scale.fill_(-20.0)  # inverted masks: everything but the coloured boxes
+    ckpt["teacher"] = teacher.state_dict()
+    both = tmp_path / "both.pth"
+    torch.save(ckpt, both)
+    for use_teacher, name in ((False, "s"), (True, "t")):
+        predict(str(both), [str(paths[0])], str(tmp_path / name), use_teacher=use_teacher)
+    student = json.loads((tmp_path / "s" / "predictions.json").read_text())
+    from_teacher = json.loads((tmp_path / "t" / "predictions.json").read_text())
+    assert student[0]["segmentation"] != from_teacher[0]["segmentation"]

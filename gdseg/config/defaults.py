@@ -251,6 +251,9 @@ _C.TEST.EVAL_PERIOD = Key(0, "Evaluate every N iterations during training (0 = o
 _C.TEST.DETECTIONS_PER_IMAGE = Key(100, "Detections kept per image (top-k over queries x classes).")
 _C.TEST.SCORE_THRESH = Key(0.0, "Drop detections scoring below this (evaluation keeps 0).")
 _C.TEST.EVALUATOR = Key("auto", "auto (from the dataset), coco or cityscapes.")
+_C.TEST.COCO_EVAL_BACKEND = Key(
+    "faster_coco_eval", "COCOeval implementation: faster_coco_eval or pycocotools (same numbers)."
+)
 _C.TEST.AUG = CN()
 _C.TEST.AUG.ENABLED = Key(False, "Compatibility (test-time augmentation is not implemented).")
 _C.TEST.AUG.MIN_SIZES = Key((400, 500, 600, 700, 800, 900, 1000, 1100, 1200), "Compatibility.")

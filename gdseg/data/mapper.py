@@ -45,6 +45,9 @@ Record = Mapping[str, Any]
 def load_image(record: Record) -> torch.Tensor:
     """Read the record's image as uint8 Tensor[3, H, W] (RGB, EXIF orientation applied).
 
+    The tensor is a channels-last view of the decoded [H, W, 3] array: torch's uint8 resize is
+    several times faster on that layout than on a contiguous [3, H, W] copy.
+
     Raises:
         DataError: missing/unreadable file, or a size differing from the record's height/width.
     """
@@ -54,7 +57,9 @@ def load_image(record: Record) -> torch.Tensor:
     arr = read_image(
         record["file_name"], record=f"image id {record.get('image_id')}", expected_hw=expected
     )
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    if not arr.flags.writeable:  # arrays viewing PIL's buffer are read-only
+        arr = arr.copy()
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def decode_instances(record: Record, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

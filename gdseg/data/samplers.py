@@ -175,14 +175,15 @@ class RepeatFactorTrainingSampler(InfiniteSampler):
             raise ValueError("repeat_factors are all zero: nothing to sample")
         self._int_part = factors.floor()
         self._frac_part = factors - self._int_part
-        self._cache: tuple[int, torch.Tensor] | None = None
+        self._cache: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def _repeats(self, gen: torch.Generator) -> torch.Tensor:
         extra = torch.rand(len(self._frac_part), generator=gen, dtype=torch.float64)
         return (self._int_part + (extra < self._frac_part).double()).long()
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
-        if self._cache is not None and self._cache[0] == epoch:
+        key = (self.seed, epoch)  # the seed can change when a loader restores its state
+        if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         gen = _generator(self.seed, epoch)
         repeats = self._repeats(gen)
@@ -190,7 +191,7 @@ class RepeatFactorTrainingSampler(InfiniteSampler):
         indices = indices[torch.randperm(len(indices), generator=gen)]
         if len(indices) == 0:  # all factors < 1 and unlucky draws: keep the stream alive
             indices = torch.multinomial(self._int_part + self._frac_part, 1, generator=gen)
-        self._cache = (epoch, indices)
+        self._cache = (key, indices)
         return indices
 
     def epoch_length(self, epoch: int) -> int:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from .point_sampling import sample_masks_at_points, uniform_points
+from .point_sampling import bilinear_weights, sample_masks_at_points, uniform_points
 
 __all__ = ["HungarianMatcher", "pairwise_mask_costs"]
 
@@ -23,20 +23,20 @@ def pairwise_mask_costs(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     one matmul instead of two.
 
     Args:
-        pred: ``[..., Q, P]`` mask logits at ``P`` points.
-        target: ``[..., N, P]`` target values in ``[0, 1]`` at the same points.
+        pred: ``[P, M]`` mask logits of ``M`` predictions at ``P`` points (points first: the
+            layout that gathering many maps at shared points produces).
+        target: ``[N, P]`` target values in ``[0, 1]`` at the same points.
 
     Returns:
-        ``(cost_bce, cost_dice)``, each ``[..., Q, N]``.
+        ``(cost_bce, cost_dice)``, each ``[M, N]``.
     """
-    num_points = pred.shape[-1]
-    target_t = target.transpose(-1, -2)
-    cost_bce = (F.softplus(pred).sum(-1, keepdim=True) - pred @ target_t) / num_points
+    num_points = pred.shape[0]
+    cost_bce = (F.softplus(pred).sum(0) - target @ pred) / num_points  # [N, M]
     prob = pred.sigmoid()
-    numerator = 2.0 * (prob @ target_t)
-    denominator = prob.sum(-1, keepdim=True) + target.sum(-1).unsqueeze(-2)
+    numerator = 2.0 * (target @ prob)
+    denominator = prob.sum(0) + target.sum(1, keepdim=True)
     cost_dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)
-    return cost_bce, cost_dice
+    return cost_bce.t(), cost_dice.t()
 
 
 class HungarianMatcher(nn.Module):
@@ -115,42 +115,46 @@ class HungarianMatcher(nn.Module):
             point_coords = uniform_points(batch, self.num_points, device)
         point_coords = point_coords.float()
         images = [b for b, n in enumerate(sizes) if n > 0]
-        # Targets are sampled once per image; their points serve every layer.
-        labels = {b: targets[b]["labels"].to(device) for b in images}
-        target_points = {
-            b: sample_masks_at_points(targets[b]["masks"].to(device), point_coords[b])
-            for b in images
-        }
-        # grid_sample reads one [h, w] plane at a time far faster than 100 interleaved
-        # channels (cache), and an expanded (stride-0) grid costs no copy.
-        grids = {
-            b: (2.0 * point_coords[b] - 1.0)[None, :, None].expand(first.shape[1], -1, -1, -1)
-            for b in images
-        }
-
+        height, width = first.shape[-2:]
         with torch.autocast(device_type=device.type, enabled=False):
+            probs = [o["pred_logits"].float().softmax(-1) for o in layer_outputs]
             costs = []
-            for outputs in layer_outputs:
-                prob = outputs["pred_logits"].float().softmax(-1)  # [B, Q, K+1]
-                masks = outputs["pred_masks"].float()
-                for b in images:
-                    pred = F.grid_sample(masks[b].unsqueeze(1), grids[b], align_corners=False)
-                    costs.append(self._cost(prob[b], pred.flatten(1), labels[b], target_points[b]))
+            for b in images:
+                coords = point_coords[b]
+                target = sample_masks_at_points(targets[b]["masks"].to(device), coords)  # [N, P]
+                labels = targets[b]["labels"].to(device)
+                # Every query of every layer is sampled at the image's points with one fused
+                # gather (embedding_bag over a [h*w, L*Q] table): the bilinear weights are
+                # computed once, and each point reads 4 contiguous rows of L*Q logits.
+                table = torch.stack(
+                    [o["pred_masks"][b].float().flatten(1).t() for o in layer_outputs], 1
+                ).flatten(1)  # [h*w, L*Q]
+                index, weight = bilinear_weights(coords, height, width)
+                pred = F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
+                cost_bce, cost_dice = pairwise_mask_costs(pred, target)  # [L*Q, N]
+                cost_class = -torch.stack([p[b] for p in probs])[..., labels]  # [L, Q, N]
+                cost = (
+                    self.cost_mask * cost_bce.view_as(cost_class)
+                    + self.cost_class * cost_class
+                    + self.cost_dice * cost_dice.view_as(cost_class)
+                )
+                big = torch.finfo(cost.dtype).max
+                costs.append(torch.nan_to_num(cost, nan=big, posinf=big, neginf=big))
             # One device->host copy for every layer and image.
             flat = torch.cat([c.flatten() for c in costs]).cpu().numpy()
 
-        matches, offset, k = [], 0, 0
-        for _ in layer_outputs:
+        blocks, offset = {}, 0
+        for b, cost in zip(images, costs):
+            blocks[b] = flat[offset : offset + cost.numel()].reshape(cost.shape)
+            offset += cost.numel()
+        matches = []
+        for layer in range(len(layer_outputs)):
             per_image = []
-            for n in sizes:
-                if n == 0:
+            for b in range(batch):
+                if b not in blocks:
                     per_image.append((empty, empty))
                     continue
-                cost = costs[k]
-                block = flat[offset : offset + cost.numel()].reshape(cost.shape)
-                offset += cost.numel()
-                k += 1
-                rows, cols = linear_sum_assignment(block)
+                rows, cols = linear_sum_assignment(blocks[b][layer])
                 per_image.append(
                     (
                         torch.as_tensor(rows, dtype=torch.int64),
@@ -159,21 +163,6 @@ class HungarianMatcher(nn.Module):
                 )
             matches.append(per_image)
         return matches
-
-    def _cost(self, prob: Tensor, pred: Tensor, labels: Tensor, target: Tensor) -> Tensor:
-        """Cost matrix ``[Q, N]`` of one image of one layer.
-
-        Args:
-            prob: ``[Q, K+1]`` class probabilities.
-            pred: ``[Q, P]`` mask logits at the points.
-            labels: ``[N]`` target classes.
-            target: ``[N, P]`` target masks at the same points.
-        """
-        cost_class = -prob[:, labels]
-        cost_bce, cost_dice = pairwise_mask_costs(pred, target)
-        cost = self.cost_mask * cost_bce + self.cost_class * cost_class + self.cost_dice * cost_dice
-        big = torch.finfo(cost.dtype).max
-        return torch.nan_to_num(cost, nan=big, posinf=big, neginf=big)
 
     def extra_repr(self) -> str:
         return (

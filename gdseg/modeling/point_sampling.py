@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "bilinear_weights",
     "importance_sample_points",
     "point_sample",
     "sample_masks_at_points",
@@ -43,6 +44,44 @@ def point_sample(input: Tensor, coords: Tensor) -> Tensor:
     """
     grid = (2.0 * coords - 1.0).unsqueeze(2)  # [N, P, 1, 2]
     return F.grid_sample(input, grid, mode="bilinear", align_corners=False).squeeze(3)
+
+
+def bilinear_weights(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Flat pixel indices and weights of the 4 bilinear neighbours of each point.
+
+    ``(maps.flatten(-2)[..., index] * weight).sum(-1)`` equals ``grid_sample(maps, 2 * coords
+    - 1, align_corners=False)``; neighbours outside the map get weight 0 (zero padding) and a
+    clamped, valid index. Use with ``F.embedding_bag(index, table, per_sample_weights=weight,
+    mode="sum")`` to sample many maps at the same points in one fused gather.
+
+    Args:
+        coords: ``[P, 2]`` normalized ``(x, y)``.
+
+    Returns:
+        ``(index, weight)``: int64 and float32, each ``[P, 4]``.
+    """
+    # grid_sample's unnormalization (align_corners=False); results agree with it to float
+    # rounding of the weights.
+    grid = 2.0 * coords.float() - 1.0
+    ix = (grid[:, 0] + 1.0) * (width / 2.0) - 0.5
+    iy = (grid[:, 1] + 1.0) * (height / 2.0) - 0.5
+    x0f = ix.floor()
+    y0f = iy.floor()
+    wx1 = ix - x0f
+    wy1 = iy - y0f
+    wx0 = x0f + 1.0 - ix
+    wy0 = y0f + 1.0 - iy
+    x0 = x0f.long()
+    y0 = y0f.long()
+    indices, weights = [], []
+    for dy, wy in ((0, wy0), (1, wy1)):
+        for dx, wx in ((0, wx0), (1, wx1)):
+            x = x0 + dx
+            y = y0 + dy
+            inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+            indices.append(y.clamp(0, height - 1) * width + x.clamp(0, width - 1))
+            weights.append(wy * wx * inside)
+    return torch.stack(indices, 1), torch.stack(weights, 1)
 
 
 def sample_masks_at_points(

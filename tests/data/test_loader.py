@@ -195,6 +195,26 @@ def test_worker_processes_do_not_change_batches(records):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def test_restored_state_brings_its_seed(records):
+    """A run with a random seed (SEED -1) resumes its own stream: the seed is in the state."""
+    cfg = _cfg(batch=2)
+    cfg.DATALOADER.SAMPLER_TRAIN = "RepeatFactorTrainingSampler"
+    cfg.DATALOADER.REPEAT_THRESHOLD = 0.5
+    original = build_train_loader(cfg, records, rank=0, world_size=1, seed=1)
+    it = iter(original)
+    for _ in range(7):
+        next(it)
+    state = original.state_dict()
+    expected = next(it)
+    other = build_train_loader(cfg, records, rank=0, world_size=1, seed=2)
+    next(iter(other))  # builds the other seed's epoch cache first
+    other.load_state_dict(state)
+    got = next(iter(other))
+    keys = ["image", "instances.masks"]
+    for a, b in zip(_flatten([expected], keys), _flatten([got], keys), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_unlabeled_loader_output(records):
     cfg = _cfg(batch=4)
     cfg.SSL.IMS_PER_BATCH_UNLABELED = 2

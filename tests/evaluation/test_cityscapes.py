@@ -100,3 +100,31 @@ def test_missing_ground_truth_is_reported(tmp_path):
     pred = {"file_name": img, "labels": [], "scores": [], "rles": []}
     with pytest.raises(FileNotFoundError, match="ground-truth"):
         CityscapesInstanceEvaluator("x", {"thing_classes": CLASSES}).evaluate([pred])
+
+
+def test_with_the_cityscapes_loader(tmp_path):
+    """Records and metadata of gdseg.data.cityscapes -> perfect predictions -> AP 100."""
+    from gdseg.data.cityscapes import load_cityscapes_instances
+
+    root = tmp_path / "cityscapes"
+    _fabricate(root)
+    records, metadata = load_cityscapes_instances(
+        root / "leftImg8bit" / "val", root / "gtFine" / "val", filter_empty=False
+    )
+    preds = []
+    for r in records:
+        anns = [a for a in r["annotations"] if not a["iscrowd"]]
+        preds.append(
+            {
+                "image_id": r["image_id"],
+                "file_name": r["file_name"],
+                "height": r["height"],
+                "width": r["width"],
+                "labels": [a["category_id"] for a in anns],
+                "scores": [0.8] * len(anns),
+                "rles": [a["segmentation"] for a in anns],
+                "bboxes": [a["bbox"] for a in anns],
+            }
+        )
+    metrics = CityscapesInstanceEvaluator("cs", metadata).evaluate(preds)
+    assert metrics["segm"] == pytest.approx({"AP": 100.0, "AP50": 100.0})

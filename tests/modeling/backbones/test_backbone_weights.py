@@ -71,7 +71,9 @@ def test_detectron2_pkl_resnet(tmp_path):
     report = load_pretrained_backbone(model, str(path))
     assert report.missing == [] and report.unexpected == [] and report.mismatched == []
     torch.testing.assert_close(model.layer3[5].conv2.weight, tv["layer3.5.conv2.weight"])
-    torch.testing.assert_close(model.layer1[0].downsample[1].running_var, tv["layer1.0.downsample.1.running_var"])
+    torch.testing.assert_close(
+        model.layer1[0].downsample[1].running_var, tv["layer1.0.downsample.1.running_var"]
+    )
 
 
 class _Evil:
@@ -153,12 +155,16 @@ def test_timm_vit_file_safetensors(tmp_path):
     report = load_pretrained_backbone(model, str(path))
     assert report.mismatched == [] and report.unexpected == []
     assert all(k.startswith("convs.") for k in report.missing)
-    torch.testing.assert_close(model.model.blocks[0].attn.qkv.weight, trunk.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(
+        model.model.blocks[0].attn.qkv.weight, trunk.blocks[0].attn.qkv.weight
+    )
 
 
 def test_torchvision_mobilenet_file(tmp_path):
     torch.manual_seed(0)
-    torch.save(torchvision.models.mobilenet_v2().state_dict(), tmp_path / "mobilenet_v2-b0353104.pth")
+    torch.save(
+        torchvision.models.mobilenet_v2().state_dict(), tmp_path / "mobilenet_v2-b0353104.pth"
+    )
     model = MobileNetV2()
     report = load_pretrained_backbone(model, str(tmp_path / "mobilenet_v2-b0353104.pth"))
     assert report.missing == [] and report.unexpected == [] and report.mismatched == []
@@ -203,4 +209,6 @@ def test_pkl_numpy_scalars_and_arrays_roundtrip(tmp_path):
     with open(tmp_path / "x.pkl", "wb") as f:
         pickle.dump({"model": arrays}, f)
     sd = read_state_dict(str(tmp_path / "x.pkl"))
-    assert sd["a"].shape == (2, 3) and sd["a"].dtype == torch.float32 and sd["b"].dtype == torch.int64
+    assert (
+        sd["a"].shape == (2, 3) and sd["a"].dtype == torch.float32 and sd["b"].dtype == torch.int64
+    )
