@@ -96,10 +96,10 @@ def _mark_burnin(ax, burnin_iter: int | None, max_x: float) -> None:
     ax.axvline(burnin_iter, color="0.3", linestyle="--", linewidth=1)
     ax.text(
         burnin_iter,
-        0.98,
+        0.02,
         " burn-in ends:\n teacher := student, then EMA",
         transform=ax.get_xaxis_transform(),
-        va="top",
+        va="bottom",
         fontsize=7,
         color="0.3",
     )

@@ -71,7 +71,7 @@ _C.MODEL.VIT.IMG_SIZE = Key(
     "Size of the stored position-embedding grid in pixels (0 = the timm model's pretraining "
     "size: 224 ViT, 384 DeiT, 518 DINOv2); any input size works (interpolated at run time).",
 )
-_C.MODEL.VIT.DROP_PATH_RATE = Key(0.1, "Stochastic depth rate.")
+_C.MODEL.VIT.DROP_PATH_RATE = Key(0.0, "Stochastic depth rate (published ViT backbones: 0).")
 _C.MODEL.VIT.OUT_CHANNELS = Key((128, 256, 512, 1024), "Channels of the strides 4/8/16/32 maps.")
 _C.MODEL.VIT.FREEZE = Key(False, "Freeze the ViT trunk (the adapter stays trainable).")
 

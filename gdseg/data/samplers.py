@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
@@ -187,7 +188,8 @@ class RepeatFactorTrainingSampler(InfiniteSampler):
             return self._cache[1]
         gen = _generator(self.seed, epoch)
         repeats = self._repeats(gen)
-        indices = torch.repeat_interleave(torch.arange(len(repeats)), repeats)
+        # numpy: torch.repeat_interleave costs ~10 ms per call on CPU, even for 20 items.
+        indices = torch.from_numpy(np.repeat(np.arange(len(repeats)), repeats.numpy()))
         indices = indices[torch.randperm(len(indices), generator=gen)]
         if len(indices) == 0:  # all factors < 1 and unlucky draws: keep the stream alive
             indices = torch.multinomial(self._int_part + self._frac_part, 1, generator=gen)

@@ -229,10 +229,12 @@ def lsj_transforms(
     min_scale: float = 0.1,
     max_scale: float = 2.0,
     random_flip: str = "horizontal",
-    image_fill: int = 0,
+    image_fill: int = 128,
 ) -> v2.Compose:
     """COCO large-scale jitter: flip, resize to ``[min, max]_scale * image_size``, crop/pad to
-    ``image_size`` x ``image_size`` (image padded with ``image_fill``, masks with 0)."""
+    ``image_size`` x ``image_size`` (image padded with ``image_fill``, masks with 0).
+
+    The fill of 128 is detectron2's ``FixedSizeCrop`` default, used by the published model."""
     return v2.Compose(
         [
             *flip_transform(random_flip),

@@ -123,21 +123,21 @@ class HungarianMatcher(nn.Module):
                 coords = point_coords[b]
                 target = sample_masks_at_points(targets[b]["masks"].to(device), coords)  # [N, P]
                 labels = targets[b]["labels"].to(device)
-                # Every query of every layer is sampled at the image's points with one fused
-                # gather (embedding_bag over a [h*w, L*Q] table): the bilinear weights are
-                # computed once, and each point reads 4 contiguous rows of L*Q logits.
-                table = torch.stack(
-                    [o["pred_masks"][b].float().flatten(1).t() for o in layer_outputs], 1
-                ).flatten(1)  # [h*w, L*Q]
+                # The bilinear weights of the image's points serve every layer and query;
+                # embedding_bag over a [h*w, Q] table is a fused gather-and-weight in which
+                # each point reads 4 contiguous rows of Q logits (faster than grid_sample).
                 index, weight = bilinear_weights(coords, height, width)
-                pred = F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
-                cost_bce, cost_dice = pairwise_mask_costs(pred, target)  # [L*Q, N]
-                cost_class = -torch.stack([p[b] for p in probs])[..., labels]  # [L, Q, N]
-                cost = (
-                    self.cost_mask * cost_bce.view_as(cost_class)
-                    + self.cost_class * cost_class
-                    + self.cost_dice * cost_dice.view_as(cost_class)
-                )
+                layer_costs = []
+                for outputs, prob in zip(layer_outputs, probs):
+                    table = outputs["pred_masks"][b].float().flatten(1).t().contiguous()
+                    pred = F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
+                    cost_bce, cost_dice = pairwise_mask_costs(pred, target)  # [Q, N]
+                    layer_costs.append(
+                        self.cost_mask * cost_bce
+                        + self.cost_class * -prob[b][:, labels]
+                        + self.cost_dice * cost_dice
+                    )
+                cost = torch.stack(layer_costs)  # [L, Q, N]
                 big = torch.finfo(cost.dtype).max
                 costs.append(torch.nan_to_num(cost, nan=big, posinf=big, neginf=big))
             # One device->host copy for every layer and image.

@@ -65,7 +65,7 @@ def _assert_aligned(image: torch.Tensor, mask: torch.Tensor) -> None:
 
 
 def test_lsj_keeps_mask_on_coloured_pixels():
-    pipeline = lsj_transforms(64, min_scale=0.1, max_scale=2.0)
+    pipeline = lsj_transforms(64, min_scale=0.1, max_scale=2.0, image_fill=0)
     sizes, flipped = set(), set()
     for seed in range(40):
         image, mask = _drawn_image()
@@ -83,7 +83,7 @@ def test_lsj_misaligned_mask_is_detected():
     """The alignment check itself can fail: a mask shifted by 2 pixels is rejected."""
     image, mask = _drawn_image()
     with seeded_rng(0):
-        out_image, out_mask = lsj_transforms(64, 0.9, 0.9)(image, mask)
+        out_image, out_mask = lsj_transforms(64, 0.9, 0.9, image_fill=0)(image, mask)
     with pytest.raises(AssertionError):
         _assert_aligned(out_image, torch.roll(out_mask[0], 2, dims=1))
 
@@ -146,7 +146,7 @@ def test_resize_shortest_edge_choices_and_crop():
 
 def test_seeded_rng_is_deterministic_and_leaves_global_state():
     image, mask = _drawn_image()
-    pipeline = lsj_transforms(64)
+    pipeline = lsj_transforms(64, image_fill=0)
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
     with seeded_rng(7):
@@ -202,7 +202,7 @@ def _is_pointwise_function(src: torch.Tensor, dst: torch.Tensor) -> bool:
 def _unlabeled_mapper(strong: v2.Transform) -> UnlabeledMapper:
     image = _palette_image()
     return UnlabeledMapper(
-        lsj_transforms(64, 0.5, 1.5), strong, image_loader=lambda record: image.clone()
+        lsj_transforms(64, 0.5, 1.5, image_fill=0), strong, image_loader=lambda record: image.clone()
     )
 
 
@@ -235,7 +235,7 @@ def test_strong_view_edges_agree_with_weak_view():
     """All strong ops on (jitter, grayscale, blur): the drawn shape keeps its place."""
     image, _ = _drawn_image(box=(20, 70, 30, 90))
     mapper = UnlabeledMapper(
-        lsj_transforms(64, 0.8, 1.2),
+        lsj_transforms(64, 0.8, 1.2, image_fill=0),
         strong_photometric_transforms(1.0, 0.5, 1.0),
         image_loader=lambda record: image.clone(),
     )

@@ -127,7 +127,7 @@ def test_parity_with_transformers(monkeypatch):
     outputs, preds = _outputs(batch, queries, classes, 16, 20, layers=layers)
     targets = _blob_targets([3, 5], classes, 64, 80)
     targets = _upsample(targets)  # full resolution, 4x the predictions
-    rows = 8
+    rows = 8  # matched masks per layer: min(Q, 3) + min(Q, 5)
     num_sampled, num_random = 3 * points, points - int(0.75 * points)
     match_points = torch.rand(batch, points, 2)
     candidates = torch.rand(layers, rows, num_sampled, 2)  # our layer order: aux..., final
@@ -323,3 +323,24 @@ def test_rejects_bad_arguments():
         _criterion(3, losses=("labels", "boxes"))
     with pytest.raises(ValueError, match="oversample_ratio"):
         _criterion(3, oversample_ratio=0.5)
+
+
+def _average_worker(rank: int, world: int, init_file: str, results) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        results[rank] = average_num_masks([3, 0][rank])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_average_num_masks_across_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_average_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
+        assert dict(results) == {0: 1.5, 1: 1.5}

@@ -77,7 +77,7 @@ def test_pairwise_costs_equal_direct_formula():
     torch.manual_seed(0)
     pred = torch.randn(7, 50) * 3
     target = torch.rand(3, 50)
-    bce, dice = pairwise_mask_costs(pred, target)
+    bce, dice = pairwise_mask_costs(pred.t(), target)
     for q, n in itertools.product(range(7), range(3)):
         ref_bce = F.binary_cross_entropy_with_logits(pred[q], target[n])
         prob = pred[q].sigmoid()
@@ -105,7 +105,7 @@ def test_matcher_on_pixel_centres_is_optimal_for_dense_cost():
         prob = outputs["pred_logits"][b].softmax(-1)
         pred = outputs["pred_masks"][b].flatten(1)
         tgt = target["masks"].flatten(1).float()
-        bce, dice = pairwise_mask_costs(pred, tgt)
+        bce, dice = pairwise_mask_costs(pred.t(), tgt)
         cost = 2 * -prob[:, target["labels"]] + 5 * bce + 5 * dice
         n = len(target["labels"])
         best = min(

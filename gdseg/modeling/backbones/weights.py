@@ -94,16 +94,23 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return _to_tensors(obj)
 
 
-def _strip_prefix(sd: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tensor]:
-    """Remove the prefix (if any) under which the backbone's entries are stored."""
+def _strip_prefix(
+    sd: dict[str, torch.Tensor], own: set[str], backbone: Backbone
+) -> dict[str, torch.Tensor]:
+    """Remove the prefix (if any) under which the backbone's entries are stored: full
+    Mask2Former / gdseg checkpoints (``backbone.``), DDP (``module.``), Guided Distillation
+    (``modelTeacher.backbone.``, preferred over ``modelStudent.`` when both are present)."""
     prefixes = ["", "backbone.", "module.", "module.backbone.", "model.backbone."]
     prefixes += ["modelTeacher.backbone.", "modelStudent.backbone."]
+    # Count a key as ours also under its detectron2 ResNet name.
+    rename = _d2_resnet_key if isinstance(backbone, ResNet) else (lambda k: None)
 
     def n_hits(prefix: str) -> int:
-        return sum(k.startswith(prefix) and k[len(prefix) :] in own for k in sd)
+        rest = [k[len(prefix) :] for k in sd if k.startswith(prefix)]
+        return sum(k in own or rename(k) in own for k in rest)
 
-    best = max(prefixes, key=n_hits)  # first wins ties: the teacher of a stage-2 checkpoint
-    if n_hits(best) > n_hits("") and best:
+    best = max(prefixes, key=n_hits)  # the first one wins ties
+    if best and n_hits(best) > n_hits(""):
         logger.info("Using the entries under %r", best)
         return {k[len(best) :]: v for k, v in sd.items() if k.startswith(best)}
     return sd
@@ -159,16 +166,21 @@ class LoadReport:
 def load_pretrained_backbone(backbone: Backbone, path: str) -> LoadReport:
     """Load pretrained weights from a local file into ``backbone`` (non-strict, reported).
 
+    ``path`` may also be a ``torchvision://``, ``timm://`` or ``detectron2://`` name looked
+    up in the local caches (see :func:`resolve_weights`).
+
     Accepts torchvision, timm (including original DINOv2 / DeiT / Swin files), detectron2
     ``.pkl`` and gdseg / Mask2Former checkpoints (the ``backbone.`` entries are used).
     Missing, unexpected and wrongly-shaped entries are logged.
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        FileNotFoundError: the file does not exist (the message says what to download and
+            where to put it).
         RuntimeError: no entry of the file matches the backbone (wrong file or backbone).
     """
+    path = resolve_weights(path)
     own = backbone.state_dict()
-    sd = _adapt(backbone, _strip_prefix(read_state_dict(path), set(own)))
+    sd = _adapt(backbone, _strip_prefix(read_state_dict(path), set(own), backbone))
     report = LoadReport()
     usable = {}
     unused = _UNUSED_PREFIXES.get(type(backbone), ())

@@ -17,7 +17,7 @@ from gdseg.modeling.backbones.convert import _hf_swin_state_dict
 
 transformers = pytest.importorskip("transformers")
 
-DATA = Path(__file__).resolve().parents[2] / "data"
+DATA = Path(__file__).resolve().parents[2] / "fixtures"  # copies of the published listings
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 

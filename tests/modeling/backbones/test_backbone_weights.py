@@ -76,6 +76,29 @@ def test_detectron2_pkl_resnet(tmp_path):
     )
 
 
+def test_published_mask2former_checkpoint_resnet(tmp_path):
+    """A Guided Distillation checkpoint: detectron2 names under modelTeacher.backbone."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18().state_dict()
+    d2 = {"modelTeacher.sem_seg_head.predictor.query_feat.weight": np.zeros((3, 4), np.float32)}
+    for k, v in tv.items():
+        if k.startswith("fc."):
+            continue
+        k = "stem." + k if "layer" not in k else k
+        for t in range(1, 5):
+            k = k.replace(f"layer{t}", f"res{t + 1}")
+        for t in range(1, 4):
+            k = k.replace(f"bn{t}", f"conv{t}.norm")
+        k = k.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        d2["modelTeacher.backbone." + k] = v.numpy()
+    with open(tmp_path / "model_final.pkl", "wb") as f:
+        pickle.dump({"model": d2}, f)
+    model = build_resnet(18)
+    report = load_pretrained_backbone(model, str(tmp_path / "model_final.pkl"))
+    assert report.missing == [] and report.unexpected == []
+    torch.testing.assert_close(model.layer4[1].bn2.running_mean, tv["layer4.1.bn2.running_mean"])
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned > /dev/null",))
