@@ -42,8 +42,14 @@ _PREFIXES = {"teacher": "modelTeacher.", "student": "modelStudent."}
 _Rule = tuple[str, Callable[[re.Match], str]]
 _PD, _TD = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
 _HF_HEAD_RULES: list[_Rule] = [
-    (r"model\.pixel_level_module\.decoder\.input_projections\.(\d+)\.", lambda m: f"{_PD}input_proj.{m[1]}."),
-    (r"model\.pixel_level_module\.decoder\.level_embed$", lambda m: f"{_PD}transformer.level_embed"),
+    (
+        r"model\.pixel_level_module\.decoder\.input_projections\.(\d+)\.",
+        lambda m: f"{_PD}input_proj.{m[1]}.",
+    ),
+    (
+        r"model\.pixel_level_module\.decoder\.level_embed$",
+        lambda m: f"{_PD}transformer.level_embed",
+    ),
     (
         r"model\.pixel_level_module\.decoder\.encoder\.layers\.(\d+)\.(self_attn\.\w+|self_attn_layer_norm|fc1|fc2|"
         r"final_layer_norm)\.",
@@ -57,7 +63,10 @@ _HF_HEAD_RULES: list[_Rule] = [
     (r"model\.transformer_module\.queries_embedder\.", lambda m: f"{_TD}query_embed."),
     (r"model\.transformer_module\.queries_features\.", lambda m: f"{_TD}query_feat."),
     (r"model\.transformer_module\.level_embed\.", lambda m: f"{_TD}level_embed."),
-    (r"model\.transformer_module\.input_projections\.(\d+)\.", lambda m: f"{_TD}input_proj.{m[1]}."),
+    (
+        r"model\.transformer_module\.input_projections\.(\d+)\.",
+        lambda m: f"{_TD}input_proj.{m[1]}.",
+    ),
     (r"model\.transformer_module\.decoder\.layernorm\.", lambda m: f"{_TD}decoder_norm."),
     (
         r"model\.transformer_module\.decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.",
@@ -85,10 +94,17 @@ _HF_HEAD_RULES: list[_Rule] = [
     ),
     (r"class_predictor\.", lambda m: f"{_TD}class_embed."),
 ]
-_HF_ENCODER_NAMES = {"self_attn_layer_norm": "norm1", "fc1": "linear1", "fc2": "linear2", "final_layer_norm": "norm2"}
+_HF_ENCODER_NAMES = {
+    "self_attn_layer_norm": "norm1",
+    "fc1": "linear1",
+    "fc2": "linear2",
+    "final_layer_norm": "norm2",
+}
 _HF_FFN_NAMES = {"fc1": "linear1", "fc2": "linear2", "final_layer_norm": "norm"}
 # transformers' decoder self-attention keeps q, k, v apart; ours is nn.MultiheadAttention's fused layout
-_HF_QKV = re.compile(r"model\.transformer_module\.decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+_HF_QKV = re.compile(
+    r"model\.transformer_module\.decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)"
+)
 
 
 def head_state_dict_from_transformers(hf_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -140,7 +156,9 @@ def from_transformers(hf_model: nn.Module) -> Mask2Former:
     if len(config.feature_strides) != 4 or tuple(config.feature_strides) != (4, 8, 16, 32):
         raise NotImplementedError(f"feature_strides {config.feature_strides} (need 4, 8, 16, 32)")
     if config.activation_function != "relu":
-        raise NotImplementedError(f"activation_function {config.activation_function!r} (need 'relu')")
+        raise NotImplementedError(
+            f"activation_function {config.activation_function!r} (need 'relu')"
+        )
     pixel_decoder = MSDeformAttnPixelDecoder(
         backbone.output_shape(),
         conv_dim=config.feature_size,
@@ -189,7 +207,9 @@ def _select_model(sd: Mapping[str, Tensor], which: str) -> dict[str, Tensor]:
     present = {name for name, prefix in _PREFIXES.items() if any(k.startswith(prefix) for k in sd)}
     if not present:
         if which != "auto":
-            raise KeyError(f"which={which!r} but the checkpoint has no modelTeacher./modelStudent. entries")
+            raise KeyError(
+                f"which={which!r} but the checkpoint has no modelTeacher./modelStudent. entries"
+            )
         return dict(sd)
     if which == "auto":
         # a stage-2 checkpoint's result is its student; a stage-1 checkpoint only has a teacher
@@ -221,18 +241,27 @@ def convert_published_state_dict(
     """
     if isinstance(sd.get("model"), Mapping):
         sd = sd["model"]
-    sd = {k: torch.as_tensor(v) for k, v in _select_model(sd, which).items() if k not in _DROPPED_KEYS}
+    sd = {
+        k: torch.as_tensor(v) for k, v in _select_model(sd, which).items() if k not in _DROPPED_KEYS
+    }
     backbone = {k: v for k, v in sd.items() if k.startswith("backbone.")}
     head = {k: v for k, v in sd.items() if k.startswith("sem_seg_head.")}
     other = sorted(set(sd) - set(backbone) - set(head))
     if other:
-        raise KeyError(f"{len(other)} checkpoint entries are neither backbone nor head: {other[:10]}")
-    out = {f"backbone.{k}": v for k, v in backbone_state_dict_from_detectron2(backbone, backbone_name).items()}
+        raise KeyError(
+            f"{len(other)} checkpoint entries are neither backbone nor head: {other[:10]}"
+        )
+    out = {
+        f"backbone.{k}": v
+        for k, v in backbone_state_dict_from_detectron2(backbone, backbone_name).items()
+    }
     out.update(head)
     return out
 
 
-def load_published_state_dict(sd: Mapping[str, Tensor], cfg_or_model, which: str = "auto") -> Mask2Former:
+def load_published_state_dict(
+    sd: Mapping[str, Tensor], cfg_or_model, which: str = "auto"
+) -> Mask2Former:
     """Load a published checkpoint into a model, strictly (nothing missing or unexpected).
 
     Args:
@@ -261,7 +290,12 @@ def _backbone_name_of(backbone: nn.Module) -> str:
     """A registered backbone name of the same weight family as ``backbone``."""
     from .modeling.backbones import MobileNetV2, ResNet, SwinTransformer, ViTAdapter
 
-    families = ((ResNet, "resnet50"), (SwinTransformer, "swin_tiny"), (ViTAdapter, "vit_base"), (MobileNetV2, "mobilenet_v2"))
+    families = (
+        (ResNet, "resnet50"),
+        (SwinTransformer, "swin_tiny"),
+        (ViTAdapter, "vit_base"),
+        (MobileNetV2, "mobilenet_v2"),
+    )
     for cls, name in families:
         if isinstance(backbone, cls):
             return name

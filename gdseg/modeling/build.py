@@ -20,10 +20,14 @@ def build_pixel_decoder(cfg, input_shape: Mapping[str, Any]) -> MSDeformAttnPixe
     """Pixel decoder from ``MODEL.SEM_SEG_HEAD.*`` (``input_shape``: name -> ShapeSpec)."""
     head = cfg.MODEL.SEM_SEG_HEAD
     if head.PIXEL_DECODER_NAME != "MSDeformAttnPixelDecoder":
-        raise ValueError(f"MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME must be 'MSDeformAttnPixelDecoder', got {head.PIXEL_DECODER_NAME!r}")
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME must be 'MSDeformAttnPixelDecoder', got {head.PIXEL_DECODER_NAME!r}"
+        )
     missing = [f for f in head.IN_FEATURES if f not in input_shape]
     if missing:
-        raise ValueError(f"MODEL.SEM_SEG_HEAD.IN_FEATURES {missing} are not backbone outputs {sorted(input_shape)}")
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.IN_FEATURES {missing} are not backbone outputs {sorted(input_shape)}"
+        )
     return MSDeformAttnPixelDecoder(
         {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
         conv_dim=head.CONVS_DIM,
@@ -78,7 +82,9 @@ def build_model(cfg) -> Mask2Former:
     """Mask2Former with the backbone ``MODEL.BACKBONE.NAME`` (random init; weights are loaded
     separately, e.g. by the checkpointer or :mod:`gdseg.convert`)."""
     if cfg.MODEL.META_ARCHITECTURE != "MaskFormer":
-        raise ValueError(f"MODEL.META_ARCHITECTURE must be 'MaskFormer', got {cfg.MODEL.META_ARCHITECTURE!r}")
+        raise ValueError(
+            f"MODEL.META_ARCHITECTURE must be 'MaskFormer', got {cfg.MODEL.META_ARCHITECTURE!r}"
+        )
     backbone = build_backbone(cfg)
     model = Mask2Former(backbone, build_sem_seg_head(cfg, backbone.output_shape()))
     logger.debug("built Mask2Former with %d parameters", sum(p.numel() for p in model.parameters()))

@@ -19,7 +19,9 @@ class MaskFormerHead(nn.Module):
     """Holds the pixel decoder and the transformer decoder (``predictor``), so parameter names
     are ``sem_seg_head.pixel_decoder.*`` / ``sem_seg_head.predictor.*`` as published."""
 
-    def __init__(self, pixel_decoder: MSDeformAttnPixelDecoder, predictor: MultiScaleMaskedTransformerDecoder):
+    def __init__(
+        self, pixel_decoder: MSDeformAttnPixelDecoder, predictor: MultiScaleMaskedTransformerDecoder
+    ):
         super().__init__()
         self.pixel_decoder = pixel_decoder
         self.predictor = predictor
@@ -54,8 +56,10 @@ class Mask2Former(nn.Module):
         """Inputs must be padded to a multiple of this."""
         return max(32, int(getattr(self.backbone, "size_divisibility", 32)))
 
-    def forward(self, images: Tensor) -> dict:  # noqa: D102
+    def forward(self, images: Tensor) -> dict:
         d = self.size_divisibility
         if images.dim() != 4 or images.shape[-2] % d or images.shape[-1] % d:
-            raise ValueError(f"images must be [B, 3, H, W] with H and W multiples of {d}, got {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be [B, 3, H, W] with H and W multiples of {d}, got {tuple(images.shape)}"
+            )
         return self.sem_seg_head(self.backbone(images))

@@ -79,7 +79,7 @@ class _BilinearGather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, table, attn, pix_x, pix_y, size, start, bh, H):  # noqa: D102
+    def forward(ctx, table, attn, pix_x, pix_y, size, start, bh, H):
         # table [R, D]; attn, pix_x, pix_y [N, LP] (pixel coordinates); size [2, LP] (w, h);
         # start [LP] first padded row of each level; bh [N, 1] batch/head row offset.
         w_l, h_l = size[0], size[1]
@@ -108,7 +108,7 @@ class _BilinearGather(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
+    def backward(ctx, grad_out):
         table, a, inside, fx, fy, w, idx, base, vshift = ctx.saved_tensors
         g = grad_out.contiguous().to(table.dtype)
         grad_table = grad_attn = grad_x = grad_y = None
@@ -186,8 +186,22 @@ def ms_deform_attn_gather(
 ) -> Tensor:
     """Deformable sampling as one weighted gather over all levels (same contract as
     :func:`ms_deform_attn_grid_sample`)."""
+    L = len(spatial_shapes)
+    size = torch.tensor(
+        [[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=value.device
+    ).view(L, 1, 2)
+    # grid_sample convention (align_corners=False): pixel = location * size - 0.5
+    pixels = sampling_locations.float() * size - 0.5
+    return _gather_pixels(value, spatial_shapes, pixels, attention_weights)
+
+
+def _gather_pixels(
+    value: Tensor, spatial_shapes: SpatialShapes, pixels: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """:func:`ms_deform_attn_gather` with ``[B, Lq, H, L, P, 2]`` pixel coordinates
+    (x, y; pixel centres at integers + 0.5 ... i.e. ``location * size - 0.5``)."""
     B, S, H, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
+    _, Lq, _, L, P, _ = pixels.shape
     dev = value.device
     padded = []
     for v, (h, w) in zip(
@@ -207,14 +221,12 @@ def ms_deform_attn_gather(
     start = torch.tensor(starts, dtype=torch.float32, device=dev).repeat_interleave(P)
     # int32 indices halve the memory traffic of the index math; int64 only for huge batches
     index_dtype = torch.int32 if table.shape[0] * 4 < 2**31 else torch.int64
-    bh = torch.arange(B, device=dev).view(B, 1, 1) * (s_pad * H) + torch.arange(H, device=dev).view(
-        1, 1, H
-    )
+    bh = torch.arange(B, device=dev).view(B, 1, 1) * (s_pad * H)
+    bh = bh + torch.arange(H, device=dev).view(1, 1, H)
     bh = bh.expand(B, Lq, H).reshape(B * Lq * H, 1).to(index_dtype)
 
     N = B * Lq * H
-    # grid_sample convention (align_corners=False): pixel = location * size - 0.5
-    pix = sampling_locations.float().reshape(N, L * P, 2) * size - 0.5
+    pix = pixels.float().reshape(N, L * P, 2)
     attn = attention_weights.float().reshape(N, L * P)
     out = _BilinearGather.apply(
         table, attn, pix[..., 0], pix[..., 1], size.t().contiguous(), start, bh, H
@@ -230,8 +242,7 @@ def ms_deform_attn_core(
     impl: str = "auto",
 ) -> Tensor:
     """Multi-scale deformable sampling; ``impl`` is "auto", "gather" or "grid_sample"."""
-    if impl == "auto":
-        impl = "gather" if value.device.type == "cpu" else "grid_sample"
+    impl = _resolve_impl(impl, value.device)
     if impl == "gather":
         return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
     if impl == "grid_sample":
@@ -239,6 +250,13 @@ def ms_deform_attn_core(
             value, spatial_shapes, sampling_locations, attention_weights
         )
     raise ValueError(f"impl must be 'auto', 'gather' or 'grid_sample', got {impl!r}")
+
+
+def _resolve_impl(impl: str, device: torch.device) -> str:
+    if impl == "auto":
+        # grid_sample is fast on accelerators; the gather formulation wins on CPU
+        return "gather" if device.type == "cpu" else "grid_sample"
+    return impl
 
 
 class MSDeformAttn(nn.Module):
@@ -272,6 +290,8 @@ class MSDeformAttn(nn.Module):
             n_heads,
             n_points,
         )
+        if impl not in ("auto", "gather", "grid_sample"):
+            raise ValueError(f"impl must be 'auto', 'gather' or 'grid_sample', got {impl!r}")
         self.impl = impl
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
@@ -333,12 +353,19 @@ class MSDeformAttn(nn.Module):
             .softmax(-1)
             .view(B, Lq, H, L, P)
         )
-        normalizer = torch.tensor(
+        size = torch.tensor(
             [[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=query.device
         )
-        locations = (
-            reference_points.float()[:, :, None, :, None, :]
-            + offsets / normalizer[None, None, None, :, None, :]
-        )
-        out = ms_deform_attn_core(value, spatial_shapes, locations, weights, impl=self.impl)
+        impl = _resolve_impl(self.impl, value.device)
+        if impl == "gather":
+            # offsets are in pixels: skip the normalize / de-normalize round trip
+            ref_pixels = reference_points.float() * size - 0.5
+            pixels = ref_pixels[:, :, None, :, None, :] + offsets
+            out = _gather_pixels(value, spatial_shapes, pixels, weights)
+        else:
+            locations = (
+                reference_points.float()[:, :, None, :, None, :]
+                + offsets / size[None, None, None, :, None, :]
+            )
+            out = ms_deform_attn_grid_sample(value, spatial_shapes, locations, weights)
         return self.output_proj(out.to(value.dtype))

@@ -33,7 +33,7 @@ class Conv2dNorm(nn.Conv2d):
         self.norm = norm
         self.activation = activation
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor) -> Tensor:
         x = super().forward(x)
         if self.norm is not None:
             x = self.norm(x)

@@ -26,7 +26,9 @@ class Attention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
         if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim must be divisible by num_heads, got {embed_dim} and {num_heads}")
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads, got {embed_dim} and {num_heads}"
+            )
         self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
@@ -38,7 +40,9 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         return x.view(B, N, self.num_heads, -1).transpose(1, 2)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None
+    ) -> Tensor:
         """query ``[B, Q, C]``, key/value ``[B, K, C]`` (key may be ``query``: self-attention
         fuses the two projections); attn_mask bool ``[B, 1, Q, K]``, True = may attend."""
         C = self.embed_dim
@@ -60,7 +64,9 @@ class Attention(nn.Module):
 class SelfAttentionLayer(nn.Module):
     """Self-attention among queries with query position embeddings on q and k."""
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
+    def __init__(
+        self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False
+    ):
         super().__init__()
         self.self_attn = Attention(d_model, nhead, dropout)
         self.norm = nn.LayerNorm(d_model)
@@ -68,7 +74,7 @@ class SelfAttentionLayer(nn.Module):
         self.normalize_before = normalize_before
         _xavier_matrices(self)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
         x = self.norm(tgt) if self.normalize_before else tgt
         qk = x + query_pos
         tgt = tgt + F.dropout(self.self_attn(qk, qk, x), self.dropout, self.training)
@@ -78,7 +84,9 @@ class SelfAttentionLayer(nn.Module):
 class CrossAttentionLayer(nn.Module):
     """Masked cross-attention from queries to one feature level."""
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
+    def __init__(
+        self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False
+    ):
         super().__init__()
         self.multihead_attn = Attention(d_model, nhead, dropout)
         self.norm = nn.LayerNorm(d_model)
@@ -86,7 +94,9 @@ class CrossAttentionLayer(nn.Module):
         self.normalize_before = normalize_before
         _xavier_matrices(self)
 
-    def forward(self, tgt: Tensor, memory: Tensor, attn_mask: Tensor | None, pos: Tensor, query_pos: Tensor):
+    def forward(
+        self, tgt: Tensor, memory: Tensor, attn_mask: Tensor | None, pos: Tensor, query_pos: Tensor
+    ):
         """tgt ``[B, Q, C]``, memory ``[B, K, C]``, pos ``[1, K, C]``, query_pos ``[B|1, Q, C]``."""
         x = self.norm(tgt) if self.normalize_before else tgt
         out = self.multihead_attn(x + query_pos, memory + pos, memory, attn_mask)
@@ -97,7 +107,13 @@ class CrossAttentionLayer(nn.Module):
 class FFNLayer(nn.Module):
     """Two-layer ReLU MLP with a residual connection."""
 
-    def __init__(self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.0, normalize_before: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.0,
+        normalize_before: bool = False,
+    ):
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -106,7 +122,7 @@ class FFNLayer(nn.Module):
         self.normalize_before = normalize_before
         _xavier_matrices(self)
 
-    def forward(self, tgt: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, tgt: Tensor) -> Tensor:
         x = self.norm(tgt) if self.normalize_before else tgt
         x = self.linear2(F.dropout(F.relu(self.linear1(x)), self.dropout, self.training))
         tgt = tgt + F.dropout(x, self.dropout, self.training)
@@ -128,7 +144,7 @@ class MLP(nn.Module):
         outs = [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
@@ -223,24 +239,31 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         output = self.query_feat.weight.unsqueeze(0).expand(B, -1, -1)
 
         predictions_class, predictions_mask = [], []
-        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(output, mask_features, sizes[0])
+        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
+            output, mask_features, sizes[0]
+        )
         predictions_class.append(outputs_class)
         predictions_mask.append(outputs_mask)
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
-            output = self.transformer_cross_attention_layers[i](output, src[level], attn_mask, pos[level], query_pos)
+            output = self.transformer_cross_attention_layers[i](
+                output, src[level], attn_mask, pos[level], query_pos
+            )
             output = self.transformer_self_attention_layers[i](output, query_pos)
             output = self.transformer_ffn_layers[i](output)
             last = i == self.num_layers - 1
             target = None if last else sizes[(i + 1) % self.num_feature_levels]
-            outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(output, mask_features, target)
+            outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
+                output, mask_features, target
+            )
             predictions_class.append(outputs_class)
             predictions_mask.append(outputs_mask)
         return {
             "pred_logits": predictions_class[-1],
             "pred_masks": predictions_mask[-1],
             "aux_outputs": [
-                {"pred_logits": c, "pred_masks": m} for c, m in zip(predictions_class[:-1], predictions_mask[:-1])
+                {"pred_logits": c, "pred_masks": m}
+                for c, m in zip(predictions_class[:-1], predictions_mask[:-1])
             ],
         }
 
@@ -253,13 +276,17 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
         B, C, H, W = mask_features.shape
-        outputs_mask = torch.bmm(mask_embed, mask_features.reshape(B, C, H * W).to(mask_embed.dtype))
+        outputs_mask = torch.bmm(
+            mask_embed, mask_features.reshape(B, C, H * W).to(mask_embed.dtype)
+        )
         outputs_mask = outputs_mask.view(B, -1, H, W)
         if attn_mask_target_size is None:
             return outputs_class, outputs_mask, None
         with torch.no_grad():
             # masked where the (resized) previous prediction is background; same mask for all heads
-            resized = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
+            resized = F.interpolate(
+                outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False
+            )
             masked = resized.flatten(2).sigmoid() < 0.5
             # a query that would see nothing sees everything instead
             masked &= ~masked.all(dim=-1, keepdim=True)

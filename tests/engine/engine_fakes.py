@@ -181,41 +181,48 @@ def make_trainer(
     return trainer
 
 
-def distributed_worker(output_dir: str, report_dir: str, semisup: bool, max_iter: int) -> None:
-    """Per-process body of the two-process test: train, then report weights and file writes.
-
-    Ranks other than 0 record (with an audit hook) every file they open for writing.
-    """
+def _record_writes_under(folder: str) -> list[str]:
+    """Start recording (audit hook) every file this process writes or renames under folder."""
     import os
     import sys
 
-    rank = comm.get_rank()
+    folder = os.path.abspath(folder)
     writes: list[str] = []
-    if rank != 0:
 
-        def audit(event, args):
-            if event == "open":
-                path, mode, flags = args
-                writing = (
-                    any(c in mode for c in "wax+")
-                    if isinstance(mode, str)
-                    else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
-                )
-            elif event in ("os.rename", "os.remove", "os.mkdir"):
-                path, writing = args[0], True
-            else:
-                return
-            path = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
-            if writing and os.path.abspath(path).startswith(output_dir):
-                writes.append(path)
+    def audit(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writing = (
+                any(c in mode for c in "wax+")
+                if isinstance(mode, str)
+                else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            )
+        elif event in ("os.rename", "os.remove", "os.mkdir"):
+            path, writing = args[0], True
+        else:
+            return
+        path = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
+        if writing and os.path.abspath(path).startswith(folder):
+            writes.append(path)
 
-        sys.addaudithook(audit)
-    cfg = tiny_cfg(max_iter=max_iter, semisup=semisup)
-    cfg.SOLVER.CHECKPOINT_PERIOD = 2
-    cfg.SOLVER.LOG_PERIOD = 1
-    trainer = make_trainer(cfg, output_dir=output_dir, rank=rank)
-    trainer.train(0, max_iter)
-    state = {"student": comm.unwrap_model(trainer.model).state_dict(), "writes": writes}
+    sys.addaudithook(audit)
+    return writes
+
+
+def distributed_worker(args, report_dir: str) -> None:
+    """Per-process body of the two-process test: the CLI's setup + build_trainer + train,
+    then a report of this rank's weights and of the files it wrote (ranks > 0 only)."""
+    import os
+
+    from gdseg.engine.train import build_trainer, setup
+
+    rank = comm.get_rank()
+    output_dir = args.opts[args.opts.index("OUTPUT_DIR") + 1]
+    writes = _record_writes_under(output_dir) if rank != 0 else []
+    cfg = setup(args)
+    trainer = build_trainer(cfg)
+    trainer.train(0, cfg.SOLVER.MAX_ITER)
+    state = {"student": comm.unwrap_model(trainer.model).state_dict(), "writes": list(writes)}
     if trainer.teacher is not None:
         state["teacher"] = trainer.teacher.state_dict()
     torch.save(state, os.path.join(report_dir, f"rank{rank}.pth"))

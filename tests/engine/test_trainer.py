@@ -225,3 +225,45 @@ def test_semisup_needs_teacher_and_unlabeled_stream():
             trainer.precision,
             semisup=trainer.semisup,
         )
+
+
+def test_unlabeled_batches_every_freq_iterations(tmp_path):
+    cfg = tiny_cfg(max_iter=4, semisup=True)
+    cfg.SSL.FREQ = 2
+    trainer = make_trainer(cfg, extra_hooks=[MetricsWriter(str(tmp_path), period=1)])
+    trainer.train(0, 4)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    with_unlabeled = ["loss_ce_unsup" in r for r in lines]
+    assert with_unlabeled == [True, False, True, False]
+    assert trainer.unlabeled_loader.state_dict()["num_samples"] == 2 * 2  # two batches of 2
+
+
+def test_bf16_autocast_step_on_cpu():
+    from gdseg.engine.amp import resolve_precision
+
+    cfg = tiny_cfg(max_iter=2, semisup=True)
+    trainer = make_trainer(cfg)
+    trainer.precision = resolve_precision(True, "bf16", "cpu")
+    trainer.scaler = trainer.precision.grad_scaler()
+    trainer.train(0, 2)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert trainer.model.backbone[0].weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    from gdseg.engine import hooks
+
+    scalars = []
+
+    class _Recorder:
+        def add_scalar(self, name, value, step):
+            scalars.append((name, step))
+
+        def close(self):
+            scalars.append(("closed", -1))
+
+    monkeypatch.setattr(hooks, "_tensorboard_writer", lambda _: _Recorder())
+    trainer = make_trainer(tiny_cfg(max_iter=2), extra_hooks=[MetricsWriter(str(tmp_path), 1)])
+    trainer.train(0, 2)
+    assert ("total_loss", 0) in scalars and ("lr", 1) in scalars
+    assert scalars[-1] == ("closed", -1)

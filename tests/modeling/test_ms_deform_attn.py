@@ -23,7 +23,9 @@ def reference(value, shapes, locations, weights):
         h, w = shapes[lvl]
         img = v.permute(0, 2, 3, 1).reshape(B * H, D, h, w)
         grid = locations[:, :, :, lvl].permute(0, 2, 1, 3, 4).reshape(B * H, Lq, P, 2) * 2 - 1
-        sampled = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        sampled = F.grid_sample(
+            img, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
         sampled = sampled.view(B, H, D, Lq, P).permute(0, 3, 1, 4, 2)  # B, Lq, H, P, D
         out += (sampled * weights[:, :, :, lvl, :, None]).sum(3)
     return out.reshape(B, Lq, H * D)
@@ -33,7 +35,9 @@ def _inputs(shapes=SHAPES, B=2, Lq=11, H=3, D=4, P=2, spread=0.4, dtype=torch.fl
     S = sum(h * w for h, w in shapes)
     value = torch.randn(B, S, H, D, dtype=dtype, requires_grad=True)
     # some points fall outside the maps: they must read zeros, as with the CUDA op
-    locations = (torch.rand(B, Lq, H, len(shapes), P, 2) * (1 + 2 * spread) - spread).requires_grad_()
+    locations = (
+        torch.rand(B, Lq, H, len(shapes), P, 2) * (1 + 2 * spread) - spread
+    ).requires_grad_()
     weights = torch.rand(B, Lq, H, len(shapes), P).softmax(-1).requires_grad_()
     return value, list(shapes), locations, weights
 
@@ -64,13 +68,18 @@ def test_gather_handles_borders_exactly():
     loc = torch.stack(torch.meshgrid(xs, xs, indexing="ij"), -1).reshape(1, -1, 1, 1, 1, 2)
     attn = torch.ones(1, loc.shape[1], 1, 1, 1)
     torch.testing.assert_close(
-        ms_deform_attn_gather(value, shapes, loc, attn), reference(value, shapes, loc, attn), atol=1e-6, rtol=0
+        ms_deform_attn_gather(value, shapes, loc, attn),
+        reference(value, shapes, loc, attn),
+        atol=1e-6,
+        rtol=0,
     )
 
 
 def test_gather_and_grid_sample_agree_at_realistic_size():
     torch.manual_seed(0)
-    value, shapes, loc, attn = _inputs(shapes=[(24, 20), (12, 10), (6, 5)], B=1, Lq=64, H=8, D=8, P=4, spread=0.05)
+    value, shapes, loc, attn = _inputs(
+        shapes=[(24, 20), (12, 10), (6, 5)], B=1, Lq=64, H=8, D=8, P=4, spread=0.05
+    )
     a = ms_deform_attn_gather(value, shapes, loc, attn)
     b = ms_deform_attn_grid_sample(value, shapes, loc, attn)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -80,7 +89,9 @@ def test_gather_and_grid_sample_agree_at_realistic_size():
 def test_bf16_values(impl):
     torch.manual_seed(0)
     value, shapes, loc, attn = _inputs()
-    out = ms_deform_attn_core(value.detach().bfloat16().requires_grad_(), shapes, loc, attn, impl=impl)
+    out = ms_deform_attn_core(
+        value.detach().bfloat16().requires_grad_(), shapes, loc, attn, impl=impl
+    )
     assert out.dtype == torch.bfloat16
     expected = reference(value, shapes, loc, attn)
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.05)
@@ -98,7 +109,12 @@ def test_module_init_and_shapes():
     torch.manual_seed(0)
     attn = MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=2)
     names = {n for n, _ in attn.named_parameters()}
-    assert {"sampling_offsets.weight", "attention_weights.weight", "value_proj.weight", "output_proj.bias"} <= names
+    assert {
+        "sampling_offsets.weight",
+        "attention_weights.weight",
+        "value_proj.weight",
+        "output_proj.bias",
+    } <= names
     assert attn.sampling_offsets.weight.abs().sum() == 0
     bias = attn.sampling_offsets.bias.view(4, 3, 2, 2)
     # head 1 of 4 points at 90 degrees; point k reaches k + 1 pixels
@@ -132,7 +148,9 @@ def test_module_matches_reference_and_padding_mask():
     norm = torch.tensor([[w_, h_] for h_, w_ in SHAPES], dtype=torch.float32)
     loc = ref[:, :, None, :, None, :] + off / norm[None, None, None, :, None, :]
     expected = attn.output_proj(reference(value, SHAPES, loc, w))
-    torch.testing.assert_close(attn(q, ref, x, SHAPES, padding_mask=mask), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        attn(q, ref, x, SHAPES, padding_mask=mask), expected, atol=1e-5, rtol=1e-5
+    )
     with pytest.raises(ValueError, match="spatial_shapes"):
         attn(q, ref, x[:, :-1], SHAPES)
 
@@ -149,7 +167,21 @@ def test_module_under_bf16_autocast():
     assert all(torch.isfinite(p.grad).all() for p in attn.parameters())
 
 
-def test_d_model_divisibility():
+def test_constructor_checks():
+    with pytest.raises(ValueError, match="impl"):
+        MSDeformAttn(8, 1, 2, 1, impl="cuda")
     with pytest.raises(ValueError, match="divisible"):
         MSDeformAttn(d_model=10, n_heads=4)
     assert math.isclose(MSDeformAttn(8, 1, 2, 1).sampling_offsets.bias.abs().max().item(), 1.0)
+
+
+def test_module_impls_agree():
+    torch.manual_seed(0)
+    a = MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=2, impl="gather")
+    b = MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=2, impl="grid_sample")
+    with torch.no_grad():
+        a.sampling_offsets.weight.normal_(0, 0.5)
+    b.load_state_dict(a.state_dict())
+    S = sum(h * w for h, w in SHAPES)
+    x, ref = torch.randn(2, S, 16), torch.rand(2, S, 3, 2)
+    torch.testing.assert_close(a(x, ref, x, SHAPES), b(x, ref, x, SHAPES), atol=1e-5, rtol=1e-5)

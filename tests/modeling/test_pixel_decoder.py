@@ -3,7 +3,10 @@ import math
 import torch
 
 from gdseg.modeling.backbones import ShapeSpec
-from gdseg.modeling.pixel_decoder import MSDeformAttnPixelDecoder, MSDeformAttnTransformerEncoderOnly
+from gdseg.modeling.pixel_decoder import (
+    MSDeformAttnPixelDecoder,
+    MSDeformAttnTransformerEncoderOnly,
+)
 from gdseg.modeling.position_encoding import PositionEmbeddingSine
 
 INPUT_SHAPE = {
@@ -15,11 +18,19 @@ INPUT_SHAPE = {
 
 
 def _features(B=2, H=64, W=96):
-    return {k: torch.randn(B, s.channels, H // s.stride, W // s.stride) for k, s in INPUT_SHAPE.items()}
+    return {
+        k: torch.randn(B, s.channels, H // s.stride, W // s.stride) for k, s in INPUT_SHAPE.items()
+    }
 
 
 def _decoder(**kwargs):
-    args = dict(conv_dim=32, mask_dim=32, transformer_nheads=4, transformer_dim_feedforward=64, transformer_enc_layers=2)
+    args = dict(
+        conv_dim=32,
+        mask_dim=32,
+        transformer_nheads=4,
+        transformer_dim_feedforward=64,
+        transformer_enc_layers=2,
+    )
     args.update(kwargs)
     return MSDeformAttnPixelDecoder(INPUT_SHAPE, **args)
 
@@ -71,7 +82,9 @@ def test_top_down_path_uses_encoder_output():
     feats = _features()
     with torch.no_grad():
         mask_features, multi_scale = dec(feats)
-        up = torch.nn.functional.interpolate(multi_scale[2], size=(16, 24), mode="bilinear", align_corners=False)
+        up = torch.nn.functional.interpolate(
+            multi_scale[2], size=(16, 24), mode="bilinear", align_corners=False
+        )
         expected = dec.mask_features(dec.layer_1(dec.adapter_1(feats["res2"]) + up))
     torch.testing.assert_close(mask_features, expected)
 
@@ -79,7 +92,9 @@ def test_top_down_path_uses_encoder_output():
 def test_reference_points_are_pixel_centres():
     ref = MSDeformAttnTransformerEncoderOnly.reference_points([(2, 4), (1, 2)], torch.device("cpu"))
     assert ref.shape == (1, 10, 1, 2)
-    torch.testing.assert_close(ref[0, :4, 0], torch.tensor([[0.125, 0.25], [0.375, 0.25], [0.625, 0.25], [0.875, 0.25]]))
+    torch.testing.assert_close(
+        ref[0, :4, 0], torch.tensor([[0.125, 0.25], [0.375, 0.25], [0.625, 0.25], [0.875, 0.25]])
+    )
     torch.testing.assert_close(ref[0, 8:, 0], torch.tensor([[0.25, 0.5], [0.75, 0.5]]))
 
 

@@ -9,7 +9,15 @@ SIZES = [(2, 3), (4, 6), (8, 12)]
 
 
 def _decoder(**kwargs):
-    args = dict(num_classes=5, hidden_dim=32, num_queries=7, nheads=4, dim_feedforward=64, dec_layers=4, mask_dim=16)
+    args = dict(
+        num_classes=5,
+        hidden_dim=32,
+        num_queries=7,
+        nheads=4,
+        dim_feedforward=64,
+        dec_layers=4,
+        mask_dim=16,
+    )
     args.update(kwargs)
     return MultiScaleMaskedTransformerDecoder(32, **args)
 
@@ -31,7 +39,10 @@ def test_attention_equals_multihead_attention():
     allowed = torch.rand(2, 1, 7, 11) > 0.3
     allowed[..., 0] = True
     ref, _ = _mha(attn)(
-        q.transpose(0, 1), kv.transpose(0, 1), kv.transpose(0, 1), attn_mask=(~allowed).expand(2, 4, 7, 11).flatten(0, 1)
+        q.transpose(0, 1),
+        kv.transpose(0, 1),
+        kv.transpose(0, 1),
+        attn_mask=(~allowed).expand(2, 4, 7, 11).flatten(0, 1),
     )
     torch.testing.assert_close(attn(q, kv, kv, allowed), ref.transpose(0, 1), atol=1e-5, rtol=1e-5)
     ref, _ = _mha(attn)(q.transpose(0, 1), q.transpose(0, 1), kv[:, :7].transpose(0, 1))
@@ -52,7 +63,9 @@ def reference_decoder(dec, x, mask_features):
         d = dec.decoder_norm(out).transpose(0, 1)
         masks = torch.einsum("bqc,bchw->bqhw", dec.mask_embed(d), mask_features)
         m = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-        m = (m.sigmoid().flatten(2).unsqueeze(1).repeat(1, dec.num_heads, 1, 1).flatten(0, 1) < 0.5).bool()
+        m = (
+            m.sigmoid().flatten(2).unsqueeze(1).repeat(1, dec.num_heads, 1, 1).flatten(0, 1) < 0.5
+        ).bool()
         return dec.class_embed(d), masks, m
 
     preds = [heads(out, SIZES[0])]
@@ -65,7 +78,9 @@ def reference_decoder(dec, x, mask_features):
             dec.transformer_self_attention_layers[i],
             dec.transformer_ffn_layers[i],
         )
-        t = _mha(ca.multihead_attn)(out + query_pos, src[lvl] + pos[lvl], src[lvl], attn_mask=attn_mask)[0]
+        t = _mha(ca.multihead_attn)(
+            out + query_pos, src[lvl] + pos[lvl], src[lvl], attn_mask=attn_mask
+        )[0]
         out = ca.norm(out + t)
         q = out + query_pos
         out = sa.norm(out + _mha(sa.self_attn)(q, q, out)[0])
@@ -83,7 +98,10 @@ def test_decoder_matches_published_formulation():
     with torch.no_grad():
         out = dec(x, mask_features)
         ref = reference_decoder(dec, x, mask_features)
-    ours = [*out["aux_outputs"], {"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]}]
+    ours = [
+        *out["aux_outputs"],
+        {"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]},
+    ]
     assert len(ours) == len(ref) == 5
     for o, (logits, masks, _) in zip(ours, ref):
         torch.testing.assert_close(o["pred_logits"], logits.float(), atol=1e-4, rtol=1e-4)
@@ -111,7 +129,9 @@ def test_attention_mask_unmasks_fully_masked_queries():
     with torch.no_grad():
         # query 0 predicts background everywhere, query 1 foreground everywhere
         dec.mask_embed.layers[2].weight.zero_()
-        dec.mask_embed.layers[2].bias.copy_(torch.cat([torch.full((8,), -1.0), torch.full((8,), 1.0)]))
+        dec.mask_embed.layers[2].bias.copy_(
+            torch.cat([torch.full((8,), -1.0), torch.full((8,), 1.0)])
+        )
         mask_features.zero_()
         mask_features[:, :8, :, :2] = 1.0  # left half: logit -8 (background)
         mask_features[:, 8:, :, 2:] = 1.0  # right half: logit 8 (foreground)

@@ -1,0 +1,575 @@
+"""Training-step, inference and guided-distillation speed: gdseg vs transformers' Mask2Former.
+
+The work (issue 6): ResNet-50 Mask2Former with the published COCO settings (80 classes, 100
+queries, 6 deformable encoder layers, 9 decoder layers, 12544 points, deep supervision), fp32,
+batch 2 at 384x384 with 5 instances per image, one AdamW step (gradient clipping at 0.01 on
+the whole model's norm, as published, on both sides). Both models start from random weights;
+nothing is downloaded. transformers' model is built from
+``Mask2FormerConfig(backbone_config=ResNetConfig(R-50), num_labels=80, use_timm_backbone=False)``.
+
+Rows (timings are wall clock, ``torch.set_num_threads(2)``; A and B alternate in one process,
+the order flipping every pair, and the ratio is the median of the per-pair ratios):
+
+- ``train``: gdseg's real ``Trainer.run_step`` (supervised) vs transformers' forward with labels
+  + backward + clipping + AdamW step.
+- ``infer``: one 512x512 image, eval mode, ``no_grad``, the full network output.
+- ``gd``: one guided-distillation iteration with the real ``Trainer.run_step`` (teacher forward
+  on the weak views, pseudo-labels, the student on labeled + strong views, one backward, one
+  step) plus the EMA teacher update of the hook, vs gdseg's supervised step on the same batch.
+  The random teacher's class threshold is set so that about 5 pseudo-labels per image pass.
+- ``memory``: peak resident memory of each of the above, one fresh subprocess per case
+  (``ru_maxrss`` after two steps minus ``ru_maxrss`` once the models and data are built).
+- opt-in rows vs gdseg fp32: ``bf16`` (CPU autocast), ``channels_last``, ``compile``
+  (``torch.compile`` of the model, compile time reported).
+- ``breakdown``: forward/backward time per part (backbone, pixel decoder, transformer decoder,
+  criterion) of both models, timed by module and tensor hooks inside real steps.
+
+    python benchmarks/train_step.py [--rows train infer gd memory bf16 channels_last compile
+        breakdown] [--pairs 5] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gdseg.config import get_cfg  # noqa: E402
+from gdseg.engine.amp import resolve_precision  # noqa: E402
+from gdseg.engine.optim import build_optimizer  # noqa: E402
+from gdseg.engine.trainer import Preprocess, SemisupSettings, Trainer  # noqa: E402
+from gdseg.modeling import build_criterion, build_model  # noqa: E402
+from gdseg.modeling.preprocess import batch_images  # noqa: E402
+from gdseg.semisup.ema import ema_update  # noqa: E402
+
+BEGIN, END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
+CONFIG = ROOT / "gdseg/configs/coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml"
+CLIP = ("full_model", 0.01, 2.0)  # published SOLVER.CLIP_GRADIENTS
+
+
+# -- the work ------------------------------------------------------------------------------
+def gdseg_cfg():
+    cfg = get_cfg()
+    cfg.merge_from_file(str(CONFIG))
+    cfg.MODEL.WEIGHTS = ""
+    return cfg
+
+
+def make_batch(batch: int, size: int, instances: int, seed: int) -> list[dict]:
+    """Loader-style labeled batch: uint8 images, ``instances`` ellipses per image."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    out = []
+    for _ in range(batch):
+        image = torch.randint(0, 256, (3, size, size), generator=gen, dtype=torch.uint8)
+        masks = []
+        for _ in range(instances):
+            cy, cx = (torch.rand(2, generator=gen) * size).tolist()
+            ry, rx = (torch.rand(2, generator=gen) * size / 4 + size / 16).tolist()
+            masks.append(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1)
+        labels = torch.randint(0, 80, (instances,), generator=gen)
+        out.append({"image": image, "instances": {"labels": labels, "masks": torch.stack(masks)}})
+    return out
+
+
+def unlabeled_batch(labeled: list[dict]) -> list[dict]:
+    """Weak view = the labeled image; strong view = a photometric change of it."""
+    return [
+        {"image_weak": d["image"], "image_strong": (d["image"].float() * 0.8 + 20).byte()}
+        for d in labeled
+    ]
+
+
+def normalized(images: list[torch.Tensor]) -> torch.Tensor:
+    cfg = gdseg_cfg()
+    return batch_images(images, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, 32)[0]
+
+
+def gdseg_trainer(model, labeled, teacher=None, unlabeled=None, semisup=None, precision="fp32",
+                  optimizer=None):
+    cfg = gdseg_cfg()
+    prec = resolve_precision(precision != "fp32", "bf16" if precision == "fp32" else precision, "cpu")
+    return Trainer(
+        model,
+        build_criterion(cfg),
+        optimizer or build_optimizer(cfg, model),
+        itertools.repeat(labeled),
+        Preprocess(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, 32),
+        prec,
+        "cpu",
+        teacher=teacher,
+        unlabeled_loader=None if unlabeled is None else itertools.repeat(unlabeled),
+        semisup=semisup,
+        clip=CLIP,
+    )
+
+
+def hf_model():
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
+
+    backbone = ResNetConfig(
+        depths=[3, 4, 6, 3],
+        hidden_sizes=[256, 512, 1024, 2048],
+        layer_type="bottleneck",
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(backbone_config=backbone, num_labels=80, use_timm_backbone=False)
+    return Mask2FormerForUniversalSegmentation(config)
+
+
+def hf_step_fn(model, labeled):
+    images = normalized([d["image"] for d in labeled])
+    masks = [d["instances"]["masks"].float() for d in labeled]
+    labels = [d["instances"]["labels"] for d in labeled]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    model.train()
+
+    def step():
+        loss = model(pixel_values=images, mask_labels=masks, class_labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP[1], CLIP[2])
+        optimizer.step()
+
+    return step
+
+
+def calibrated_semisup(teacher, unlabeled, per_image: int = 5) -> SemisupSettings:
+    """Class threshold under which ~``per_image`` queries of the random teacher pass."""
+    with torch.no_grad():
+        out = teacher(normalized([d["image_weak"] for d in unlabeled]))
+    probs = out["pred_logits"].softmax(-1)
+    scores, labels = probs.max(-1)
+    scores = scores.masked_fill(labels == probs.shape[-1] - 1, 0)
+    kth = scores.topk(per_image, dim=1).values[:, -1].min().item()
+    return SemisupSettings(burnin_iter=0, ema_decay=0.9996, class_threshold=kth * 0.999)
+
+
+# -- timing --------------------------------------------------------------------------------
+def alternate(a, b, pairs: int, warmup: int = 1) -> dict:
+    """Run ``a`` and ``b`` alternately (order flipping each pair); per-pair times and ratios."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for i in range(pairs):
+        for fn, acc in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
+            start = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - start)
+    ratios = [x / y for x, y in zip(ta, tb)]
+    return {
+        "a": statistics.median(ta),
+        "b": statistics.median(tb),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+    }
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            fn()
+
+    return run
+
+
+def row_train(args) -> dict:
+    labeled = make_batch(args.batch, args.size, args.instances, seed=0)
+    torch.manual_seed(0)
+    ours = gdseg_trainer(build_model(gdseg_cfg()), labeled)
+    hf_step = hf_step_fn(hf_model(), labeled)
+    return alternate(ours.run_step, hf_step, args.pairs)
+
+
+def row_infer(args) -> dict:
+    images = normalized([d["image"] for d in make_batch(1, args.infer_size, 1, seed=1)])
+    torch.manual_seed(0)
+    ours, hf = build_model(gdseg_cfg()).eval(), hf_model().eval()
+    return alternate(_no_grad(lambda: ours(images)), _no_grad(lambda: hf(pixel_values=images)),
+                     args.pairs)
+
+
+def gd_setup(args, precision="fp32"):
+    labeled = make_batch(args.batch, args.size, args.instances, seed=0)
+    unlabeled = unlabeled_batch(make_batch(args.batch, args.size, args.instances, seed=2))
+    torch.manual_seed(0)
+    student = build_model(gdseg_cfg())
+    teacher = build_model(gdseg_cfg()).eval()
+    semisup = calibrated_semisup(teacher, unlabeled)
+    sup = gdseg_trainer(student, labeled, precision=precision)
+    gd = gdseg_trainer(student, labeled, teacher, unlabeled, semisup, precision,
+                       optimizer=sup.optimizer)
+
+    def gd_step():
+        ema_update(teacher, student, semisup.ema_decay)  # the EMA hook's before_step
+        gd.run_step()
+
+    return gd, gd_step, sup.run_step
+
+
+def row_gd(args) -> dict:
+    gd, gd_step, sup_step = gd_setup(args)
+    res = alternate(gd_step, sup_step, args.pairs)
+    res["pseudo_labels_per_image"] = gd.step_metrics.get("pseudo_labels_per_image", float("nan"))
+    return res
+
+
+def row_variant(args, variant: str) -> dict:
+    """gdseg supervised step with an opt-in (A) vs plain fp32 gdseg (B)."""
+    labeled = make_batch(args.batch, args.size, args.instances, seed=0)
+    torch.manual_seed(0)
+    base = gdseg_trainer(build_model(gdseg_cfg()), labeled)
+    torch.manual_seed(0)
+    model = build_model(gdseg_cfg())
+    extra = {}
+    if variant == "bf16":
+        opt = gdseg_trainer(model, labeled, precision="bf16")
+    elif variant == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        opt = gdseg_trainer(model, labeled)
+        opt._batch = _channels_last_batch(opt._batch)
+    elif variant == "compile":
+        opt = gdseg_trainer(torch.compile(model), labeled)
+        start = time.perf_counter()
+        opt.run_step()  # compiles forward and backward
+        extra["compile_s"] = time.perf_counter() - start
+    else:
+        raise ValueError(variant)
+    res = alternate(opt.run_step, base.run_step, args.pairs)
+    res.update(extra)
+    return res
+
+
+def _channels_last_batch(batch_fn):
+    def run(images):
+        x, sizes = batch_fn(images)
+        return x.contiguous(memory_format=torch.channels_last), sizes
+
+    return run
+
+
+# -- memory (one subprocess per case) ------------------------------------------------------
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def memory_child(args) -> None:
+    case = args.memory_child
+    if case == "gdseg_train":
+        labeled = make_batch(args.batch, args.size, args.instances, seed=0)
+        fn = gdseg_trainer(build_model(gdseg_cfg()), labeled).run_step
+    elif case == "hf_train":
+        fn = hf_step_fn(hf_model(), make_batch(args.batch, args.size, args.instances, seed=0))
+    elif case == "gdseg_gd":
+        fn = gd_setup(args)[1]
+    elif case in ("gdseg_infer", "hf_infer"):
+        images = normalized([d["image"] for d in make_batch(1, args.infer_size, 1, seed=1)])
+        if case == "gdseg_infer":
+            model = build_model(gdseg_cfg()).eval()
+            fn = _no_grad(lambda: model(images))
+        else:
+            model = hf_model().eval()
+            fn = _no_grad(lambda: model(pixel_values=images))
+    else:
+        raise ValueError(case)
+    base = _maxrss_mb()
+    fn()
+    fn()
+    print(json.dumps({"base_mb": base, "peak_mb": _maxrss_mb()}))
+
+
+def row_memory(args) -> dict:
+    out = {}
+    for case in ("gdseg_train", "hf_train", "gdseg_gd", "gdseg_infer", "hf_infer"):
+        cmd = [sys.executable, __file__, "--memory-child", case, "--size", str(args.size),
+               "--infer-size", str(args.infer_size), "--batch", str(args.batch),
+               "--instances", str(args.instances), "--threads", str(args.threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[case] = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"  memory {case}: {out[case]}", flush=True)
+    return out
+
+
+# -- breakdown -----------------------------------------------------------------------------
+class Breakdown:
+    """Forward/backward seconds per stage of one step, from module and tensor hooks.
+
+    ``stages``: (name, module) in forward order. A stage's forward is its module's call; its
+    backward runs from the moment the gradient of the next stage's outputs is complete to the
+    moment the gradient of its own outputs is, i.e. it ends when the tensor hook of its
+    outputs fires (the last one, for several outputs). The last stage before the loss is
+    followed by "criterion", whose forward is everything between the model output and the
+    loss and whose backward ends when the model outputs' gradient is complete.
+    """
+
+    def __init__(self, stages):
+        self.names = [n for n, _ in stages]
+        self.t, self.outputs = {}, {}
+        for name, module in stages:
+            module.register_forward_pre_hook(self._pre(name))
+            module.register_forward_hook(self._post(name))
+
+    def _pre(self, name):
+        def hook(module, inputs):
+            self.t[name, "fwd0"] = time.perf_counter()
+
+        return hook
+
+    def _post(self, name):
+        def hook(module, inputs, output):
+            self.t[name, "fwd1"] = time.perf_counter()
+            if torch.is_grad_enabled():
+                for x in _tensors(output):
+                    if x.requires_grad:
+                        x.register_hook(self._grad(name))
+
+        return hook
+
+    def _grad(self, name):
+        def hook(grad):
+            self.t[name, "bwd"] = time.perf_counter()
+
+        return hook
+
+    def step(self, forward, loss_fn, optimizer):
+        self.t = {}
+        outputs = forward()
+        t_model = time.perf_counter()
+        loss = loss_fn(outputs)
+        t_loss = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        t_b0 = time.perf_counter()
+        loss.backward()
+        t_b1 = time.perf_counter()
+        optimizer.step()
+        t_end = time.perf_counter()
+        row = {f"{n} fwd": self.t[n, "fwd1"] - self.t[n, "fwd0"] for n in self.names}
+        row["criterion fwd"] = t_loss - t_model
+        ends = [t_b0] + [self.t[n, "bwd"] for n in reversed(self.names)]
+        row["criterion bwd"] = ends[1] - ends[0]
+        for i, n in enumerate(reversed(self.names)):
+            nxt = ends[i + 2] if i + 2 < len(ends) else t_b1
+            row[f"{n} bwd"] = nxt - ends[i + 1]
+        row["optimizer"] = t_end - t_b1
+        return row
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+    elif hasattr(x, "to_tuple"):  # transformers ModelOutput
+        yield from _tensors(x.to_tuple())
+
+
+def row_breakdown(args) -> dict:
+    labeled = make_batch(args.batch, args.size, args.instances, seed=0)
+    images = normalized([d["image"] for d in labeled])
+    torch.manual_seed(0)
+    cfg = gdseg_cfg()
+    ours = build_model(cfg).train()
+    ours_tr = gdseg_trainer(ours, labeled)
+    targets = ours_tr._labeled_inputs(labeled)[1]
+    criterion = build_criterion(cfg)
+    head = ours.sem_seg_head
+    b_ours = Breakdown([("backbone", ours.backbone), ("pixel decoder", head.pixel_decoder),
+                        ("transformer decoder", head.predictor)])
+    hf = hf_model().train()
+    plm = hf.model.pixel_level_module
+    b_hf = Breakdown([("backbone", plm.encoder), ("pixel decoder", plm.decoder),
+                      ("transformer decoder", hf.model.transformer_module)])
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    masks = [d["instances"]["masks"].float() for d in labeled]
+    labels = [d["instances"]["labels"] for d in labeled]
+
+    def hf_forward():
+        # class logits and the loss of transformers' top module count as "criterion"
+        return hf(pixel_values=images, mask_labels=masks, class_labels=labels)
+
+    rows = {"gdseg": [], "transformers": []}
+    for i in range(args.pairs + 1):
+        r1 = b_ours.step(lambda: ours(images), lambda o: sum(criterion(o, targets).values()),
+                         ours_tr.optimizer)
+        r2 = b_hf.step(hf_forward, lambda o: o.loss, hf_opt)
+        if i:  # the first step is warm-up
+            rows["gdseg"].append(r1)
+            rows["transformers"].append(r2)
+    return {k: {n: statistics.median(r[n] for r in v) for n in v[0]} for k, v in rows.items()}
+
+
+# -- report --------------------------------------------------------------------------------
+def machine() -> str:
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = re.findall(r"model name\s*:\s*(.+)", f.read())
+        cpu = names[0].strip() if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs"
+
+
+def load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def render(args, results: dict, loads: dict) -> str:
+    import transformers
+
+    lines = [
+        BEGIN,
+        "## Training step, inference, guided distillation (`benchmarks/train_step.py`)",
+        "",
+        f"{datetime.date.today()}, {machine()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}.",
+        f"Work: ResNet-50 Mask2Former, published COCO settings, 80 classes, fp32, batch "
+        f"{args.batch} at {args.size}x{args.size}, {args.instances} instances/image, AdamW + "
+        f"clipping; inference: 1 image at {args.infer_size}x{args.infer_size}, eval, no_grad. "
+        f"Random weights. A/B alternate in one process ({args.pairs} pairs after 1 warm-up "
+        "pair, order flipping); time = median, ratio = median of per-pair ratios. Load average "
+        "(1/5/15 min) while each row ran is given: with other processes on the machine absolute "
+        "times are inflated, the ratios much less.",
+        "",
+        "| row | A | B | A median s | B median s | A/B (median) | per-pair A/B | load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = {
+        "train": ("gdseg train step", "transformers train step"),
+        "infer": ("gdseg forward", "transformers forward"),
+        "gd": ("gdseg GD iteration", "gdseg supervised step"),
+        "bf16": ("gdseg step, bf16 autocast", "gdseg step fp32"),
+        "channels_last": ("gdseg step, channels-last", "gdseg step fp32"),
+        "compile": ("gdseg step, torch.compile", "gdseg step fp32"),
+    }
+    for key, (a, b) in names.items():
+        if key not in results:
+            continue
+        r = results[key]
+        if "error" in r:
+            lines.append(f"| {key} | {a} | {b} | - | - | failed: {r['error']} | | {loads[key]} |")
+            continue
+        per = " ".join(f"{x:.2f}" for x in r["ratios"])
+        note = ""
+        if key == "gd":
+            note = f" ({r['pseudo_labels_per_image']:.1f} pseudo-labels/image)"
+        if key == "compile":
+            note = f" (compile {r['compile_s']:.0f} s)"
+        lines.append(
+            f"| {key} | {a}{note} | {b} | {r['a']:.2f} | {r['b']:.2f} | **{r['ratio']:.2f}** "
+            f"| {per} | {loads[key]} |"
+        )
+    if "memory" in results:
+        m = results["memory"]
+        lines += [
+            "",
+            "Peak memory: one fresh process per case; `ru_maxrss` (peak resident set) after two "
+            "steps, and its growth over the process once models and data are built (activations,"
+            " gradients, optimizer state, allocator caches).",
+            "",
+            "| case | peak RSS MiB | growth MiB |",
+            "|---|---|---|",
+        ]
+        labels = {"gdseg_train": "gdseg train step", "hf_train": "transformers train step",
+                  "gdseg_gd": "gdseg GD iteration (student + teacher)",
+                  "gdseg_infer": "gdseg forward", "hf_infer": "transformers forward"}
+        for case, v in m.items():
+            lines.append(f"| {labels[case]} | {v['peak_mb']:.0f} | "
+                         f"{v['peak_mb'] - v['base_mb']:.0f} |")
+    if "breakdown" in results:
+        bd = results["breakdown"]
+        lines += [
+            "",
+            f"Breakdown of one training step (median of {args.pairs} steps, seconds; module "
+            "hooks for forward, gradient hooks on stage outputs for backward; transformers' "
+            "class head and loss count as criterion):",
+            "",
+            "| part | gdseg | transformers |",
+            "|---|---|---|",
+        ]
+        for part in bd["gdseg"]:
+            lines.append(f"| {part} | {bd['gdseg'][part]:.3f} | "
+                         f"{bd['transformers'].get(part, float('nan')):.3f} |")
+        lines.append(f"| total | {sum(bd['gdseg'].values()):.3f} | "
+                     f"{sum(bd['transformers'].values()):.3f} |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write(text: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in old and END in old:
+        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", nargs="+", default=["train", "infer", "gd", "memory", "breakdown"],
+                   choices=["train", "infer", "gd", "memory", "bf16", "channels_last", "compile",
+                            "breakdown"])
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--size", type=int, default=384)
+    p.add_argument("--infer-size", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--instances", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args)
+        return
+    fns = {"train": row_train, "infer": row_infer, "gd": row_gd, "memory": row_memory,
+           "breakdown": row_breakdown, "bf16": lambda a: row_variant(a, "bf16"),
+           "channels_last": lambda a: row_variant(a, "channels_last"),
+           "compile": lambda a: row_variant(a, "compile")}
+    results, loads = {}, {}
+    for row in args.rows:
+        start = time.perf_counter()
+        try:
+            results[row] = fns[row](args)
+        except Exception as exc:  # an opt-in failing must not lose the other rows
+            if row in ("train", "infer", "gd"):
+                raise
+            results[row] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+        loads[row] = load()
+        summary = {k: v for k, v in results[row].items() if not isinstance(v, dict)}
+        print(f"{row} ({time.perf_counter() - start:.0f} s, load {loads[row]}): {summary}",
+              flush=True)
+        if row == "breakdown" and "error" not in results[row]:
+            for k, v in results[row].items():
+                print(f"  {k}: " + ", ".join(f"{n} {t:.3f}" for n, t in v.items()), flush=True)
+    text = render(args, results, loads)
+    print(text)
+    if args.write:
+        write(text)
+
+
+if __name__ == "__main__":
+    main()
