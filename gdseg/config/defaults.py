@@ -97,6 +97,11 @@ _C.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_DIM_FEEDFORWARD = Key(
 )
 _C.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = Key(4, "Stride of the mask features.")
 _C.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = Key(6, "Deformable-attention encoder layers.")
+_C.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_AMP = Key(
+    False,
+    "Let mixed precision (autocast) run the pixel decoder in low precision; False keeps it in "
+    "fp32 under autocast, as the published model does.",
+)
 
 _C.MODEL.MASK_FORMER = CN()
 _C.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = Key(

@@ -133,6 +133,22 @@ def all_reduce_dict(values: Mapping[str, float | torch.Tensor], average: bool = 
     return dict(zip(keys, flat.cpu().tolist()))
 
 
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy every buffer (BatchNorm statistics) of ``module`` from process ``src`` to all.
+
+    DDP does this at the start of each forward; the teacher update calls it first so that the
+    EMA reads the same student statistics on every process.
+    """
+    if get_world_size() == 1:
+        return
+    device = _reduce_device()
+    for buf in unwrap_model(module).buffers():
+        tmp = buf.detach().to(device)
+        dist.broadcast(tmp, src=src)
+        buf.copy_(tmp)
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Send a picklable object from ``src`` to every process (identity in one process)."""
     if get_world_size() == 1:

@@ -36,6 +36,11 @@ class TeacherUpdate(HookBase):
 
     def before_step(self) -> None:
         t = self.trainer
+        if t.iter >= self.burnin_iter:
+            # Each process's BatchNorm statistics moved with its own batch in the last
+            # forward; DDP would overwrite them from rank 0 at the next one. Do it now so the
+            # teachers of all processes stay identical.
+            comm.broadcast_buffers(t.model)
         if t.iter == self.burnin_iter:
             copy_student_to_teacher(t.teacher, t.model)
             logger.info("Iteration %d: burn-in over, teacher := student; EMA from now on.", t.iter)

@@ -41,6 +41,7 @@ def build_pixel_decoder(cfg, input_shape: Mapping[str, Any]) -> MSDeformAttnPixe
         transformer_dim_feedforward=head.DEFORMABLE_TRANSFORMER_ENCODER_DIM_FEEDFORWARD,
         transformer_enc_layers=head.TRANSFORMER_ENC_LAYERS,
         transformer_n_points=head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
+        amp=head.PIXEL_DECODER_AMP,
     )
 
 

@@ -179,6 +179,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         common_stride: stride of the mask features (4).
         transformer_dropout, transformer_nheads, transformer_dim_feedforward,
         transformer_enc_layers, transformer_n_points: the deformable encoder.
+        amp: run under an enclosing autocast in low precision. False (published behaviour)
+            runs the pixel decoder in fp32 even inside autocast.
 
     ``forward(features)`` returns ``(mask_features [B, mask_dim, H/s, W/s],
     multi_scale_features)``: three ``[B, conv_dim, h, w]`` maps, lowest resolution first.
@@ -198,8 +200,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
         transformer_dim_feedforward: int = 1024,
         transformer_enc_layers: int = 6,
         transformer_n_points: int = 4,
+        amp: bool = False,
     ):
         super().__init__()
+        self.amp = amp
         shapes = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
         self.in_features = [k for k, _ in shapes]  # "res2" ... "res5"
         feature_channels = [v.channels for _, v in shapes]
@@ -257,6 +261,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     def forward(self, features: Mapping[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Backbone features (name -> ``[B, C, h, w]``) to mask features and 3 scales."""
+        if self.amp:
+            return self._forward(features)
+        device_type = next(iter(features.values())).device.type
+        with torch.autocast(device_type, enabled=False):
+            return self._forward({k: v.float() for k, v in features.items()})
+
+    def _forward(self, features: Mapping[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         srcs, pos = [], []
         for idx, name in enumerate(self.transformer_in_features[::-1]):
             x = features[name]

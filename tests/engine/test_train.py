@@ -172,8 +172,14 @@ def test_two_gloo_processes_stay_in_sync(tmp_path, synthetic_cache, teacher_ckpt
     launch(distributed_worker, 2, args=(args, str(report)), backend="gloo")
     r0 = torch.load(report / "rank0.pth", weights_only=True)
     r1 = torch.load(report / "rank1.pth", weights_only=True)
-    for role in ("student", "teacher"):
-        _assert_bitwise_equal(r0[role], r1[role])
+    # Parameters agree (gradients are averaged); BatchNorm statistics of the student follow
+    # each process's last batch (DDP resyncs them from rank 0 at every forward), and the
+    # teacher, updated from resynced statistics, agrees entirely.
+    params = [k for k in r0["student"] if "running_" not in k and "num_batches" not in k]
+    _assert_bitwise_equal(
+        {k: r0["student"][k] for k in params}, {k: r1["student"][k] for k in params}
+    )
+    _assert_bitwise_equal(r0["teacher"], r1["teacher"])
     assert r1["writes"] == []
     assert sorted(os.listdir(out)) == [
         "config.yaml",

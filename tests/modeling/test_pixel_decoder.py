@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from gdseg.modeling.backbones import ShapeSpec
@@ -65,11 +66,14 @@ def test_outputs_and_published_names():
     assert dec.state_dict()["adapter_1.weight"].shape == (32, 16, 1, 1)
 
 
-def test_gradients_reach_every_parameter_and_bf16_autocast():
+@pytest.mark.parametrize("amp", [False, True])
+def test_gradients_reach_every_parameter_and_bf16_autocast(amp):
     torch.manual_seed(0)
-    dec = _decoder()
+    dec = _decoder(amp=amp)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mask_features, multi_scale = dec(_features())
+    # published behaviour: the pixel decoder stays in fp32 inside autocast
+    assert mask_features.dtype == (torch.bfloat16 if amp else torch.float32)
     assert all(torch.isfinite(t).all() for t in [mask_features, *multi_scale])
     (mask_features.float().sum() + sum(f.float().sum() for f in multi_scale)).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dec.parameters())
