@@ -162,22 +162,29 @@ def calibrated_semisup(teacher, unlabeled, per_image: int = 5) -> SemisupSetting
 
 # -- timing --------------------------------------------------------------------------------
 def alternate(a, b, pairs: int, warmup: int = 1) -> dict:
-    """Run ``a`` and ``b`` alternately (order flipping each pair); per-pair times and ratios."""
+    """Run ``a`` and ``b`` alternately (order flipping each pair).
+
+    Returns median wall seconds of each, the median of the per-pair wall-time ratios A/B, and
+    the same from process CPU time (``cpu_*``), which other processes on the machine disturb
+    less than wall time.
+    """
     for _ in range(warmup):
         a()
         b()
-    ta, tb = [], []
+    times = {"a": [], "b": [], "cpu_a": [], "cpu_b": []}
     for i in range(pairs):
-        for fn, acc in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
-            start = time.perf_counter()
+        for key, fn in (("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a)):
+            start, cpu = time.perf_counter(), time.process_time()
             fn()
-            acc.append(time.perf_counter() - start)
-    ratios = [x / y for x, y in zip(ta, tb)]
+            times[key].append(time.perf_counter() - start)
+            times["cpu_" + key].append(time.process_time() - cpu)
+    ratios = [x / y for x, y in zip(times["a"], times["b"])]
+    cpu_ratios = [x / y for x, y in zip(times["cpu_a"], times["cpu_b"])]
     return {
-        "a": statistics.median(ta),
-        "b": statistics.median(tb),
+        **{k: statistics.median(v) for k, v in times.items()},
         "ratio": statistics.median(ratios),
         "ratios": ratios,
+        "cpu_ratio": statistics.median(cpu_ratios),
     }
 
 
@@ -318,7 +325,8 @@ class Breakdown:
     loss and whose backward ends when the model outputs' gradient is complete.
     """
 
-    def __init__(self, stages):
+    def __init__(self, stages, clock=time.process_time):
+        self.clock = clock
         self.names = [n for n, _ in stages]
         self.t, self.outputs = {}, {}
         for name, module in stages:
@@ -327,13 +335,13 @@ class Breakdown:
 
     def _pre(self, name):
         def hook(module, inputs):
-            self.t[name, "fwd0"] = time.perf_counter()
+            self.t[name, "fwd0"] = self.clock()
 
         return hook
 
     def _post(self, name):
         def hook(module, inputs, output):
-            self.t[name, "fwd1"] = time.perf_counter()
+            self.t[name, "fwd1"] = self.clock()
             if torch.is_grad_enabled():
                 for x in _tensors(output):
                     if x.requires_grad:
@@ -343,24 +351,25 @@ class Breakdown:
 
     def _grad(self, name):
         def hook(grad):
-            self.t[name, "bwd"] = time.perf_counter()
+            self.t[name, "bwd"] = self.clock()
 
         return hook
 
     def step(self, forward, loss_fn, optimizer):
-        self.t = {}
+        clock, self.t = self.clock, {}
+        t_start = clock()
         outputs = forward()
-        t_model = time.perf_counter()
         loss = loss_fn(outputs)
-        t_loss = time.perf_counter()
+        t_loss = clock()
         optimizer.zero_grad(set_to_none=True)
-        t_b0 = time.perf_counter()
+        t_b0 = clock()
         loss.backward()
-        t_b1 = time.perf_counter()
+        t_b1 = clock()
         optimizer.step()
-        t_end = time.perf_counter()
+        t_end = clock()
         row = {f"{n} fwd": self.t[n, "fwd1"] - self.t[n, "fwd0"] for n in self.names}
-        row["criterion fwd"] = t_loss - t_model
+        # everything else before the loss: the class/mask heads outside the stages, the loss
+        row["criterion fwd"] = t_loss - t_start - sum(row.values())
         ends = [t_b0] + [self.t[n, "bwd"] for n in reversed(self.names)]
         row["criterion bwd"] = ends[1] - ends[0]
         for i, n in enumerate(reversed(self.names)):

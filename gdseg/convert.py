@@ -32,8 +32,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Criterion buffers saved by the published code next to the network: not part of the model.
-_DROPPED_KEYS = ("criterion.empty_weight", "ssl_criterion.empty_weight")
+# Criterion buffers saved by the published code next to the network, and the normalization
+# constants some detectron2 files carry: not part of our model (normalization is preprocessing).
+_DROPPED_KEYS = ("criterion.empty_weight", "ssl_criterion.empty_weight", "pixel_mean", "pixel_std")
 _PREFIXES = {"teacher": "modelTeacher.", "student": "modelStudent."}
 
 # --------------------------------------------------------------------------------------------
@@ -215,7 +216,10 @@ def _select_model(sd: Mapping[str, Tensor], which: str) -> dict[str, Tensor]:
         # a stage-2 checkpoint's result is its student; a stage-1 checkpoint only has a teacher
         which = "student" if "student" in present else "teacher"
     if which not in present:
-        raise KeyError(f"which={which!r} but the checkpoint only holds {sorted(present)}")
+        # a stage-1 file holds one model, saved as "modelTeacher.": it is the model itself
+        (only,) = present
+        logger.info("checkpoint has no %s; using its only model (%s)", which, only)
+        which = only
     prefix = _PREFIXES[which]
     return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
@@ -231,7 +235,8 @@ def convert_published_state_dict(
         backbone_name: ``cfg.MODEL.BACKBONE.NAME`` of the target model (e.g. "resnet50",
             "swin_tiny" or a detectron2 alias), which decides how backbone keys are renamed.
         which: "teacher", "student" or "auto" (the student if present, else the teacher) for
-            Guided Distillation checkpoints; ignored for plain Mask2Former checkpoints.
+            Guided Distillation checkpoints; a file holding one model (stage 1) gives that model
+            whatever is asked. Ignored for plain Mask2Former checkpoints.
 
     Returns:
         ``backbone.*`` and ``sem_seg_head.*`` entries for :class:`Mask2Former`.

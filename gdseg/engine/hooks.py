@@ -17,7 +17,7 @@ import torch.distributed as dist
 from gdseg.semisup.ema import copy_student_to_teacher, ema_update
 
 from . import distributed as comm
-from .checkpoint import Checkpointer, get_rng_state
+from .checkpoint import Checkpointer, atomic_write_text, get_rng_state
 from .trainer import HookBase
 
 logger = logging.getLogger(__name__)
@@ -153,8 +153,21 @@ class MetricsWriter(HookBase):
 
     def before_train(self) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
+        if self.trainer.start_iter > 0:
+            self._drop_records_from(self.trainer.start_iter)
         self._last = time.perf_counter()
         self._written_evals = len(self.trainer.eval_results)
+
+    def _drop_records_from(self, iteration: int) -> None:
+        """On resume, forget lines of iterations that are about to run again (they were
+        written after the checkpoint, before the interruption)."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        keep = [line for line in lines if json.loads(line).get("iteration", -1) < iteration]
+        if len(keep) != len(lines):
+            atomic_write_text("".join(keep), self.path)
 
     def after_step(self) -> None:
         now = time.perf_counter()

@@ -136,7 +136,20 @@ def warmup_factor(method: str, it: int, warmup_iters: int, start_factor: float) 
     raise ValueError(f"SOLVER.WARMUP_METHOD must be linear or constant; got {method!r}.")
 
 
-class WarmupMultiStepLR(LRScheduler):
+class _ConfigDrivenScheduler(LRScheduler):
+    """Saves only the position (not the schedule's shape), like detectron2: a resumed run
+    follows the schedule of its current config (e.g. a longer ``SOLVER.MAX_ITER``)."""
+
+    _STATE_KEYS = ("last_epoch", "base_lrs", "_last_lr", "_step_count")
+
+    def state_dict(self) -> dict:
+        return {k: self.__dict__[k] for k in self._STATE_KEYS if k in self.__dict__}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.__dict__.update({k: v for k, v in state_dict.items() if k in self._STATE_KEYS})
+
+
+class WarmupMultiStepLR(_ConfigDrivenScheduler):
     """lr = base_lr * warmup(it) * gamma ** (number of milestones <= it).
 
     ``step()`` is called once after every iteration; ``last_epoch`` counts iterations.
@@ -166,7 +179,7 @@ class WarmupMultiStepLR(LRScheduler):
         return [base * w * decay for base in self.base_lrs]
 
 
-class WarmupPolyLR(LRScheduler):
+class WarmupPolyLR(_ConfigDrivenScheduler):
     """lr = base_lr * warmup(it) * (1 - it / max_iter) ** power, floored at constant_ending."""
 
     def __init__(

@@ -135,10 +135,15 @@ def _setup_logging(output_dir: str) -> None:
         console.setFormatter(fmt)
         root.addHandler(console)
     log_file = os.path.abspath(os.path.join(output_dir, "log.txt"))
+    for h in list(root.handlers):  # one run, one log file (several runs in one process)
+        if getattr(h, "_gdseg_run_log", False) and h.baseFilename != log_file:
+            root.removeHandler(h)
+            h.close()
     if not any(getattr(h, "baseFilename", None) == log_file for h in root.handlers):
         os.makedirs(output_dir, exist_ok=True)
         fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)
+        fh._gdseg_run_log = True
         root.addHandler(fh)
 
 
@@ -283,97 +288,25 @@ def resume_from_last(trainer: Trainer, checkpointer: Checkpointer) -> None:
 
 
 # -- data ----------------------------------------------------------------------------------------
-def _dataset_options(cfg: CfgNode) -> dict:
-    syn = cfg.DATASETS.SYNTHETIC
-    return {
-        "root": cfg.DATASETS.ROOT or None,
-        "skip_bad": cfg.DATALOADER.SKIP_BAD_RECORDS,
-        "split_seed": cfg.SSL.SPLIT_SEED,
-        "synthetic": {
-            "num_train": syn.NUM_TRAIN,
-            "num_val": syn.NUM_VAL,
-            "image_size": syn.IMAGE_SIZE,
-            "seed": syn.SEED,
-            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            "root": syn.CACHE_DIR or None,
-        },
-    }
-
-
 def labeled_dataset(cfg: CfgNode) -> tuple[list[dict], dict]:
-    """Records of the labeled fraction (``SSL.PERCENTAGE``) of ``DATASETS.TRAIN``/``TRAIN_JSON``."""
-    from gdseg.data import catalog
-    from gdseg.data.splits import percentage_suffix
+    """Records and metadata of the labeled fraction (``SSL.PERCENTAGE``) of the training set."""
+    from gdseg.data.catalog import build_labeled_dataset
 
-    opts = _dataset_options(cfg)
-    suffix = percentage_suffix(cfg.SSL.PERCENTAGE)
-    if cfg.DATASETS.TRAIN_JSON:
-        json_file = cfg.DATASETS.TRAIN_JSON
-        if suffix != "100":  # the file `gdseg split coco --json TRAIN_JSON` writes
-            stem, ext = os.path.splitext(json_file)
-            json_file = f"{stem}_{suffix}{ext}"
-            if not os.path.isfile(json_file):
-                raise FileNotFoundError(
-                    f"SSL.PERCENTAGE {cfg.SSL.PERCENTAGE} with DATASETS.TRAIN_JSON needs "
-                    f"{json_file}; make it with: gdseg split coco --json "
-                    f"{cfg.DATASETS.TRAIN_JSON} --percentages {cfg.SSL.PERCENTAGE} "
-                    f"--seed {cfg.SSL.SPLIT_SEED}"
-                )
-        name = f"train_json_{suffix}"
-        catalog.register_coco_instances(
-            name, json_file, cfg.DATASETS.TRAIN_IMAGE_ROOT, overwrite=True
-        )
-        names = [name]
-    else:
-        names = [catalog.name_for_percentage(n, cfg.SSL.PERCENTAGE) for n in cfg.DATASETS.TRAIN]
-    return _concat(
-        catalog.get_dataset(n, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS, **opts)
-        for n in names
-    )
+    return build_labeled_dataset(cfg)
 
 
 def unlabeled_dataset(cfg: CfgNode) -> list[dict]:
-    """Unlabeled records: the configured folder/json/names, else all training images."""
-    from gdseg.data import catalog
-    from gdseg.data.folder import as_unlabeled, load_image_folder, load_unlabeled_from_json
+    """Unlabeled records (by default every training image, labels dropped, as published)."""
+    from gdseg.data.catalog import build_unlabeled_dataset
 
-    d, opts = cfg.DATASETS, _dataset_options(cfg)
-    if d.UNLABELED_JSON:
-        return load_unlabeled_from_json(d.UNLABELED_JSON, d.UNLABELED_IMAGE_ROOT or None)[0]
-    if d.UNLABELED_IMAGE_ROOT:
-        return load_image_folder(d.UNLABELED_IMAGE_ROOT, skip_bad=opts["skip_bad"])[0]
-    if d.UNLABELED:
-        return _concat(catalog.get_dataset(n, **opts) for n in d.UNLABELED)[0]
-    # The published default: every training image (labeled ones included), labels dropped.
-    if d.TRAIN_JSON:
-        return load_unlabeled_from_json(d.TRAIN_JSON, d.TRAIN_IMAGE_ROOT)[0]
-    records = _concat(
-        catalog.get_dataset(n, filter_empty=False, check_images=False, **opts) for n in d.TRAIN
-    )[0]
-    return as_unlabeled(records)
+    return build_unlabeled_dataset(cfg)[0]
 
 
 def test_datasets(cfg: CfgNode) -> list[tuple[str, list[dict], dict]]:
     """``(name, records, metadata)`` of each evaluation dataset."""
-    from gdseg.data import catalog
+    from gdseg.data.catalog import build_test_datasets
 
-    opts = _dataset_options(cfg)
-    if cfg.DATASETS.TEST_JSON:
-        catalog.register_coco_instances(
-            "test_json", cfg.DATASETS.TEST_JSON, cfg.DATASETS.TEST_IMAGE_ROOT, overwrite=True
-        )
-        names = ["test_json"]
-    else:
-        names = list(cfg.DATASETS.TEST)
-    return [(n, *catalog.get_dataset(n, filter_empty=False, **opts)) for n in names]
-
-
-def _concat(datasets) -> tuple[list[dict], dict]:
-    records, metadata = [], {}
-    for r, m in datasets:
-        records.extend(r)
-        metadata = metadata or m
-    return records, metadata
+    return build_test_datasets(cfg)
 
 
 def build_training_streams(cfg: CfgNode):

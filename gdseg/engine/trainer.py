@@ -92,6 +92,9 @@ class TrainerBase:
                     h.after_step()
             self.iter = max_iter  # finished: after_train sees max_iter, like detectron2
             self.completed = True
+        except Exception:
+            logger.exception("Exception during training at iteration %d:", self.iter)
+            raise
         finally:
             for h in self._hooks:
                 h.after_train()

@@ -7,8 +7,8 @@ the published code (bilinear sampling, zero padding, ``align_corners=False``):
   (what detectron2 and transformers fall back to). Default on accelerators.
 - ``"gather"``: all levels at once as a weighted gather of value rows (``F.embedding_bag``),
   with a hand-written backward (sorted scatter through ``embedding_bag``, corner-weight
-  gradients through a sampled sparse matmul). Default on CPU, where it is about 2.5x faster
-  than ``grid_sample`` for forward + backward.
+  gradients through a sampled sparse matmul). Default on CPU, where it is about 3x faster
+  than ``grid_sample`` for forward + backward (5x for forward alone).
 
 Both sample in float32 whatever the autocast dtype: sampling positions in bf16 would be off
 by up to half a pixel on a 128-px level, and the published pixel decoder runs in fp32 too.
@@ -198,8 +198,8 @@ def ms_deform_attn_gather(
 def _gather_pixels(
     value: Tensor, spatial_shapes: SpatialShapes, pixels: Tensor, attention_weights: Tensor
 ) -> Tensor:
-    """:func:`ms_deform_attn_gather` with ``[B, Lq, H, L, P, 2]`` pixel coordinates
-    (x, y; pixel centres at integers + 0.5 ... i.e. ``location * size - 0.5``)."""
+    """:func:`ms_deform_attn_gather` taking ``[B, Lq, H, L, P, 2]`` pixel coordinates (x, y)
+    instead of normalized locations: ``pixel = location * size - 0.5`` (pixel centres at integers)."""
     B, S, H, D = value.shape
     _, Lq, _, L, P, _ = pixels.shape
     dev = value.device

@@ -10,6 +10,9 @@ from torch import Tensor
 __all__ = ["batch_images", "pad_targets"]
 
 
+MIN_SIZE_DIVISIBILITY = 32  # the backbone's largest stride: inputs must be multiples of it
+
+
 def batch_images(
     images: Sequence[Tensor],
     pixel_mean: Sequence[float],
@@ -21,7 +24,8 @@ def batch_images(
     Args:
         images: ``[3, Hi, Wi]`` uint8 (or float 0-255) RGB tensors, all on one device.
         pixel_mean, pixel_std: per-channel statistics in 0-255 units.
-        size_divisibility: the padded height and width are multiples of this (>= 1).
+        size_divisibility: the padded height and width are multiples of this; values below
+            32 (e.g. the published -1) mean 32, the stride the network needs.
 
     Returns:
         ``[B, 3, Hp, Wp]`` float32, normalized then zero-padded at the bottom/right, and the
@@ -33,7 +37,7 @@ def batch_images(
     mean = torch.as_tensor(pixel_mean, dtype=torch.float32, device=device).view(-1, 1, 1)
     std = torch.as_tensor(pixel_std, dtype=torch.float32, device=device).view(-1, 1, 1)
     sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-    div = max(int(size_divisibility), 1)
+    div = max(int(size_divisibility), MIN_SIZE_DIVISIBILITY)
     hp = -(-max(h for h, _ in sizes) // div) * div
     wp = -(-max(w for _, w in sizes) // div) * div
     batch = torch.zeros(len(images), 3, hp, wp, dtype=torch.float32, device=device)

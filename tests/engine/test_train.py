@@ -107,12 +107,13 @@ def test_resume_is_bitwise_identical_on_the_tiny_config(
         _assert_bitwise_equal(_state(straight.teacher), _state(resumed.teacher))
     assert resumed.labeled_loader.state_dict() == straight.labeled_loader.state_dict()
     a, b = _metrics(tmp_path / "a"), _metrics(out)
+    assert [r["iteration"] for r in b] == list(range(n))  # no line twice after the resume
     assert [r["total_loss"] for r in a[k:]] == [r["total_loss"] for r in b[k:]]
 
 
 @pytest.mark.parametrize("semisup", [False, True], ids=["supervised", "semisup"])
 def test_loss_goes_down_on_the_tiny_config(tmp_path, synthetic_cache, teacher_ckpt, semisup):
-    n = 24
+    n = 16
     opts = _opts(
         synthetic_cache,
         semisup,
@@ -135,7 +136,8 @@ def test_loss_goes_down_on_the_tiny_config(tmp_path, synthetic_cache, teacher_ck
     # Semi-supervised, the labeled classification term competes with the unlabeled one
     # (no pseudo-label passes a random teacher's threshold: "all queries are no-object"), so
     # the quantity that must fall is the total loss, which is what the optimizer minimizes.
-    first, last = mean(records[:6]), mean(records[-6:])
+    first, last = mean(records[:4]), mean(records[-4:])
+    print(f"total loss: first 4 iterations {first:.2f}, last 4 {last:.2f}")
     assert last < 0.85 * first, (first, last)
 
 

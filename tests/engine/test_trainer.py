@@ -157,7 +157,7 @@ def test_checkpoint_contents_load_with_weights_only(tmp_path):
     trainer = make_trainer(cfg, output_dir=str(tmp_path))
     trainer.train(0, 2)
     names = sorted(os.listdir(tmp_path))
-    assert names == ["last_checkpoint", "model_0000000.pth", "model_final.pth"]
+    assert names == ["last_checkpoint", "metrics.jsonl", "model_0000000.pth", "model_final.pth"]
     assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
     ckpt = torch.load(tmp_path / "model_0000000.pth", weights_only=True)
     assert ckpt["iteration"] == 0

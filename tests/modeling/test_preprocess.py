@@ -17,8 +17,12 @@ def test_batch_images_normalizes_then_pads_with_zeros():
     torch.testing.assert_close(batch[0, :, :40, :50], (a.float() - mean) / std)
     assert batch[0, :, 40:].abs().sum() == 0 and batch[0, :, :, 50:].abs().sum() == 0
     assert batch[1, :, :, 30:].abs().sum() == 0
-    batch, _ = batch_images([a], MEAN, STD, size_divisibility=1)
-    assert batch.shape == (1, 3, 40, 50)
+    # The published Cityscapes config says -1 (no padding); the network still needs 32.
+    for div in (-1, 0, 1):
+        batch, _ = batch_images([a], MEAN, STD, size_divisibility=div)
+        assert batch.shape == (1, 3, 64, 64)
+    batch, _ = batch_images([a], MEAN, STD, size_divisibility=64)
+    assert batch.shape == (1, 3, 64, 64)
     with pytest.raises(ValueError):
         batch_images([], MEAN, STD)
 
