@@ -324,3 +324,41 @@ def convert_checkpoint(src: str, dst: str, cfg, which: str = "auto") -> dict[str
     torch.save({"model": state, "config": cfg.dump(), "gdseg_version": __version__}, dst)
     logger.info("wrote %s (%d entries) from %s", dst, len(state), src)
     return state
+
+
+# --------------------------------------------------------------------------------------------
+# command line: gdseg convert
+
+
+def add_convert_args(parser) -> None:
+    parser.add_argument(
+        "--config-file",
+        required=True,
+        metavar="FILE",
+        help="gdseg config of the target model, e.g. "
+        "configs/coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml",
+    )
+    parser.add_argument(
+        "--weights",
+        required=True,
+        metavar="SRC",
+        help="published Mask2Former (.pkl/.pth) or Guided Distillation checkpoint",
+    )
+    parser.add_argument("--out", required=True, metavar="DST", help="gdseg checkpoint to write")
+    parser.add_argument(
+        "--which",
+        choices=("auto", "teacher", "student"),
+        default="auto",
+        help="model of a Guided Distillation checkpoint (auto: the student if present)",
+    )
+    parser.add_argument("opts", nargs="*", default=[], help="KEY VALUE config overrides")
+
+
+def convert_main(args) -> int:
+    from .config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(list(args.opts))
+    convert_checkpoint(args.weights, args.out, cfg, which=args.which)
+    return 0

@@ -165,6 +165,20 @@ def test_convert_checkpoint_writes_a_gdseg_checkpoint(tmp_path):
     convert_checkpoint(str(src), str(dst), cfg)
     ckpt = torch.load(dst, weights_only=True)
     assert set(ckpt) == {"model", "config", "gdseg_version"}
+    # the same through the command line, with a shipped config
+    from gdseg.cli import main
+    from gdseg.model_zoo import get_config_file
+
+    cfg_file = get_config_file("coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml")
+    dst_cli = tmp_path / "converted_cli.pth"
+    assert (
+        main(["convert", "--config-file", cfg_file, "--weights", str(src), "--out", str(dst_cli)])
+        == 0
+    )
+    ckpt_cli = torch.load(dst_cli, weights_only=True)
+    for k, v in ckpt["model"].items():
+        assert torch.equal(v, ckpt_cli["model"][k]), k
+    assert set(ckpt) == {"model", "config", "gdseg_version"}
     assert "sem_seg_head.predictor.query_feat.weight" in ckpt["model"]
     assert "MASK_FORMER" in ckpt["config"]
 
