@@ -314,71 +314,6 @@ def row_memory(args) -> dict:
 
 
 # -- breakdown -----------------------------------------------------------------------------
-class Breakdown:
-    """Forward/backward seconds per stage of one step, from module and tensor hooks.
-
-    ``stages``: (name, module) in forward order. A stage's forward is its module's call; its
-    backward runs from the moment the gradient of the next stage's outputs is complete to the
-    moment the gradient of its own outputs is, i.e. it ends when the tensor hook of its
-    outputs fires (the last one, for several outputs). The last stage before the loss is
-    followed by "criterion", whose forward is everything between the model output and the
-    loss and whose backward ends when the model outputs' gradient is complete.
-    """
-
-    def __init__(self, stages, clock=time.process_time):
-        self.clock = clock
-        self.names = [n for n, _ in stages]
-        self.t, self.outputs = {}, {}
-        for name, module in stages:
-            module.register_forward_pre_hook(self._pre(name))
-            module.register_forward_hook(self._post(name))
-
-    def _pre(self, name):
-        def hook(module, inputs):
-            self.t[name, "fwd0"] = self.clock()
-
-        return hook
-
-    def _post(self, name):
-        def hook(module, inputs, output):
-            self.t[name, "fwd1"] = self.clock()
-            if torch.is_grad_enabled():
-                for x in _tensors(output):
-                    if x.requires_grad:
-                        x.register_hook(self._grad(name))
-
-        return hook
-
-    def _grad(self, name):
-        def hook(grad):
-            self.t[name, "bwd"] = self.clock()
-
-        return hook
-
-    def step(self, forward, loss_fn, optimizer):
-        clock, self.t = self.clock, {}
-        t_start = clock()
-        outputs = forward()
-        loss = loss_fn(outputs)
-        t_loss = clock()
-        optimizer.zero_grad(set_to_none=True)
-        t_b0 = clock()
-        loss.backward()
-        t_b1 = clock()
-        optimizer.step()
-        t_end = clock()
-        row = {f"{n} fwd": self.t[n, "fwd1"] - self.t[n, "fwd0"] for n in self.names}
-        # everything else before the loss: the class/mask heads outside the stages, the loss
-        row["criterion fwd"] = t_loss - t_start - sum(row.values())
-        ends = [t_b0] + [self.t[n, "bwd"] for n in reversed(self.names)]
-        row["criterion bwd"] = ends[1] - ends[0]
-        for i, n in enumerate(reversed(self.names)):
-            nxt = ends[i + 2] if i + 2 < len(ends) else t_b1
-            row[f"{n} bwd"] = nxt - ends[i + 1]
-        row["optimizer"] = t_end - t_b1
-        return row
-
-
 def _tensors(x):
     if isinstance(x, torch.Tensor):
         yield x
@@ -388,8 +323,52 @@ def _tensors(x):
     elif isinstance(x, (list, tuple)):
         for v in x:
             yield from _tensors(v)
-    elif hasattr(x, "to_tuple"):  # transformers ModelOutput
-        yield from _tensors(x.to_tuple())
+
+
+def _detached(x):
+    """Same structure, every float tensor a fresh leaf that requires grad."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().requires_grad_(x.requires_grad)
+    if isinstance(x, dict):
+        return {k: _detached(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_detached(v) for v in x)
+    return x
+
+
+def staged_step(stages, inputs, optimizer, clock=time.process_time) -> dict:
+    """One training step run stage by stage, the stages cut apart by ``detach``.
+
+    ``stages``: (name, fn) in forward order; each fn maps the previous stage's output to its
+    own, the last one to the loss. Backward then runs stage by stage from the loss down,
+    feeding each stage's input gradients to the previous one, so every part's forward and
+    backward time is measured exactly (the same work as one fused backward).
+    """
+    row, outs, ins = {}, [], []
+    x = inputs
+    for name, fn in stages:
+        ins.append(x)
+        start = clock()
+        x = fn(x)
+        row[f"{name} fwd"] = clock() - start
+        outs.append(x)
+        x = _detached(x)
+    optimizer.zero_grad(set_to_none=True)
+    grads = None
+    for i in range(len(stages) - 1, -1, -1):
+        pairs = list(zip(_tensors(outs[i]), grads)) if grads is not None else None
+        start = clock()
+        if pairs is None:
+            outs[i].backward()
+        else:
+            pairs = [(t, g) for t, g in pairs if t.requires_grad and g is not None]
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        row[f"{stages[i][0]} bwd"] = clock() - start
+        grads = [t.grad for t in _tensors(ins[i])] if i else None
+    start = clock()
+    optimizer.step()
+    row["optimizer"] = clock() - start
+    return row
 
 
 def row_breakdown(args) -> dict:
@@ -402,29 +381,49 @@ def row_breakdown(args) -> dict:
     targets = ours_tr._labeled_inputs(labeled)[1]
     criterion = build_criterion(cfg)
     head = ours.sem_seg_head
-    b_ours = Breakdown([("backbone", ours.backbone), ("pixel decoder", head.pixel_decoder),
-                        ("transformer decoder", head.predictor)])
+    ours_stages = [
+        ("backbone", ours.backbone),
+        ("pixel decoder", lambda f: list(head.pixel_decoder(f))),
+        ("transformer decoder", lambda o: head.predictor(o[1], o[0])),
+        ("criterion", lambda o: sum(criterion(o, targets).values())),
+    ]
     hf = hf_model().train()
-    plm = hf.model.pixel_level_module
-    b_hf = Breakdown([("backbone", plm.encoder), ("pixel decoder", plm.decoder),
-                      ("transformer decoder", hf.model.transformer_module)])
+    plm, tm = hf.model.pixel_level_module, hf.model.transformer_module
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
     masks = [d["instances"]["masks"].float() for d in labeled]
     labels = [d["instances"]["labels"] for d in labeled]
 
-    def hf_forward():
-        # class logits and the loss of transformers' top module count as "criterion"
-        return hf(pixel_values=images, mask_labels=masks, class_labels=labels)
+    def hf_decoder(o):
+        t = tm(multi_scale_features=o[1], mask_features=o[0], output_hidden_states=True)
+        return [list(t.intermediate_hidden_states), list(t.masks_queries_logits)]
 
+    def hf_loss(o):  # transformers' top module: class head, then the loss
+        classes = [hf.class_predictor(h.transpose(0, 1)) for h in o[0]]
+        aux = hf.get_auxiliary_logits(classes, o[1])
+        return hf.get_loss(hf.get_loss_dict(o[1][-1], classes[-1], masks, labels, aux))
+
+    hf_stages = [
+        ("backbone", lambda x: list(plm.encoder(x).feature_maps)),
+        ("pixel decoder", _hf_pixel_decoder(plm)),
+        ("transformer decoder", hf_decoder),
+        ("criterion", hf_loss),
+    ]
     rows = {"gdseg": [], "transformers": []}
     for i in range(args.pairs + 1):
-        r1 = b_ours.step(lambda: ours(images), lambda o: sum(criterion(o, targets).values()),
-                         ours_tr.optimizer)
-        r2 = b_hf.step(hf_forward, lambda o: o.loss, hf_opt)
+        r1 = staged_step(ours_stages, images, ours_tr.optimizer)
+        r2 = staged_step(hf_stages, images, hf_opt)
         if i:  # the first step is warm-up
             rows["gdseg"].append(r1)
             rows["transformers"].append(r2)
     return {k: {n: statistics.median(r[n] for r in v) for n in v[0]} for k, v in rows.items()}
+
+
+def _hf_pixel_decoder(plm):
+    def run(features):
+        out = plm.decoder(features)
+        return [out.mask_features, list(out.multi_scale_features)]
+
+    return run
 
 
 # -- report --------------------------------------------------------------------------------
@@ -510,9 +509,10 @@ def render(args, results: dict, loads: dict) -> str:
         bd = results["breakdown"]
         lines += [
             "",
-            f"Breakdown of one training step (median of {args.pairs} steps, seconds; module "
-            "hooks for forward, gradient hooks on stage outputs for backward; transformers' "
-            "class head and loss count as criterion):",
+            f"Breakdown of one training step: process CPU seconds, {args.threads} thread(s), "
+            f"median of {args.pairs} steps. The step runs stage by stage, cut apart by "
+            "`detach`, and backward stage by stage (same work as one fused backward); "
+            "transformers' class head counts as criterion.",
             "",
             "| part | gdseg | transformers |",
             "|---|---|---|",

@@ -194,7 +194,14 @@ def load_full_model(model: nn.Module, path: str, role: str = "student") -> None:
     if set(sd) == set(net.state_dict()):
         load_model_state(net, sd, path)
         return
-    load_published_state_dict(sd, net, which=role)
+    try:
+        load_published_state_dict(sd, net, which=role)
+    except (KeyError, RuntimeError) as e:
+        raise RuntimeError(
+            f"{path} does not hold a whole model of this config (needed for the {role}): {e}. "
+            "Expected a gdseg checkpoint, a published Mask2Former / Guided Distillation "
+            "checkpoint, or a state dict with gdseg's names; check MODEL.* in the config."
+        ) from e
     logger.info("Imported the published %s weights of %s", role, path)
 
 

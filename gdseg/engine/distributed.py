@@ -133,20 +133,35 @@ def all_reduce_dict(values: Mapping[str, float | torch.Tensor], average: bool = 
     return dict(zip(keys, flat.cpu().tolist()))
 
 
+def all_processes_agree(flag: bool) -> bool:
+    """True only if ``flag`` is true on every process (one tiny collective)."""
+    if get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=_reduce_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 @torch.no_grad()
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
     """Copy every buffer (BatchNorm statistics) of ``module`` from process ``src`` to all.
 
     DDP does this at the start of each forward; the teacher update calls it first so that the
-    EMA reads the same student statistics on every process.
+    EMA reads the same student statistics on every process. One collective per dtype.
     """
     if get_world_size() == 1:
         return
     device = _reduce_device()
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for buf in unwrap_model(module).buffers():
-        tmp = buf.detach().to(device)
-        dist.broadcast(tmp, src=src)
-        buf.copy_(tmp)
+        by_dtype.setdefault(buf.dtype, []).append(buf)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.detach().reshape(-1).to(device) for b in bufs])
+        dist.broadcast(flat, src=src)
+        offset = 0
+        for b in bufs:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

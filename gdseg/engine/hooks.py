@@ -94,17 +94,27 @@ class PeriodicCheckpointer(HookBase):
         checkpointer: writes files atomically.
         period: ``SOLVER.CHECKPOINT_PERIOD`` (0 disables periodic checkpoints).
         config_text: the resolved config (YAML) stored in every checkpoint.
+        metadata: class names and category ids of the training data, stored in every
+            checkpoint so that ``gdseg predict`` can name classes without the dataset.
     """
 
-    def __init__(self, checkpointer: Checkpointer, period: int, config_text: str) -> None:
+    def __init__(
+        self,
+        checkpointer: Checkpointer,
+        period: int,
+        config_text: str,
+        metadata: dict | None = None,
+    ) -> None:
         self.checkpointer = checkpointer
         self.period = period
         self.config_text = config_text
+        self.metadata = metadata or {}
 
     def save(self, name: str, iteration: int) -> None:
         payload = self.trainer.state_dict(iteration)
         payload["rng"] = gather_rng_states()
         payload["config"] = self.config_text
+        payload["metadata"] = self.metadata
         self.checkpointer.save(name, payload)
         comm.synchronize()
 

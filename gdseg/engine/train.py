@@ -39,7 +39,17 @@ from .trainer import Preprocess, SemisupSettings, Trainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_train_args", "build_trainer", "main", "setup"]
+__all__ = [
+    "add_train_args",
+    "build_trainer",
+    "evaluate_models",
+    "evaluate_weights",
+    "labeled_dataset",
+    "main",
+    "setup",
+    "test_datasets",
+    "unlabeled_dataset",
+]
 
 EVAL_WHO = ("STUDENT", "TEACHER", "BOTH")
 
@@ -160,12 +170,16 @@ def resolve_device(cfg: CfgNode) -> torch.device:
 
 
 # -- building ------------------------------------------------------------------------------------
-def build_student(cfg: CfgNode, device: torch.device) -> nn.Module:
-    """A fresh model with ``MODEL.WEIGHTS`` (pretrained backbone or a full gdseg checkpoint)."""
+def build_student(cfg: CfgNode, device: torch.device, load_weights: bool = True) -> nn.Module:
+    """A fresh model with ``MODEL.WEIGHTS`` (pretrained backbone or a full checkpoint).
+
+    In stage 2 too: the student starts like a stage-1 model, NOT from the teacher.
+    """
     from gdseg.modeling import build_model
 
     model = build_model(cfg)
-    load_initial_weights(model, cfg.MODEL.WEIGHTS)
+    if load_weights:
+        load_initial_weights(model, cfg.MODEL.WEIGHTS)
     return model.to(device)
 
 
@@ -177,13 +191,15 @@ def build_trainer(cfg: CfgNode, resume: bool = False) -> Trainer:
     from gdseg.modeling import build_criterion
 
     device = resolve_device(cfg)
+    checkpointer = Checkpointer(cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process())
+    resuming = resume and checkpointer.last_checkpoint() is not None  # weights come from it
     # Same seed for model creation on every process; then a per-process stream for the
     # point sampling of the losses.
     seed_all(cfg.SEED)
-    student = build_student(cfg, device)
+    student = build_student(cfg, device, load_weights=not resuming)
     teacher = None
     if cfg.SSL.TRAIN_SSL:
-        teacher = _build_teacher(cfg, device)
+        teacher = _build_teacher(cfg, device, load_weights=not resuming)
     seed_all(cfg.SEED + comm.get_rank())
 
     optimizer = build_optimizer(cfg, student)
@@ -193,7 +209,7 @@ def build_trainer(cfg: CfgNode, resume: bool = False) -> Trainer:
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
-    labeled, unlabeled = build_training_streams(cfg)
+    labeled, unlabeled, class_metadata = build_training_streams(cfg)
     semisup = None
     if cfg.SSL.TRAIN_SSL:
         s = cfg.SSL
@@ -223,28 +239,31 @@ def build_trainer(cfg: CfgNode, resume: bool = False) -> Trainer:
         scheduler=scheduler,
         clip=(clip.CLIP_TYPE, clip.CLIP_VALUE, clip.NORM_TYPE) if clip.ENABLED else None,
     )
-    checkpointer = Checkpointer(cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process())
-    trainer.register_hooks(build_hooks(cfg, trainer, checkpointer))
+    trainer.register_hooks(build_hooks(cfg, trainer, checkpointer, class_metadata))
     if resume:
         resume_from_last(trainer, checkpointer)
     return trainer
 
 
-def _build_teacher(cfg: CfgNode, device: torch.device) -> nn.Module:
+def _build_teacher(cfg: CfgNode, device: torch.device, load_weights: bool = True) -> nn.Module:
+    """The frozen teacher from ``SSL.TEACHER_CKPT`` (eval mode, no gradients, never DDP)."""
     from gdseg.modeling import build_model
 
-    if not cfg.SSL.TEACHER_CKPT:
-        raise ValueError(
-            "SSL.TRAIN_SSL True needs SSL.TEACHER_CKPT: the stage-1 checkpoint "
-            "(e.g. out/teacher/model_final.pth) or imported published weights."
-        )
     teacher = build_model(cfg)
-    load_teacher_weights(teacher, cfg.SSL.TEACHER_CKPT)
+    if load_weights:
+        if not cfg.SSL.TEACHER_CKPT:
+            raise ValueError(
+                "SSL.TRAIN_SSL True needs SSL.TEACHER_CKPT: the stage-1 checkpoint "
+                "(e.g. out/teacher/model_final.pth) or imported published weights."
+            )
+        load_teacher_weights(teacher, cfg.SSL.TEACHER_CKPT)
     teacher.eval().requires_grad_(False)
     return teacher.to(device)
 
 
-def build_hooks(cfg: CfgNode, trainer: Trainer, checkpointer: Checkpointer) -> list:
+def build_hooks(
+    cfg: CfgNode, trainer: Trainer, checkpointer: Checkpointer, class_metadata: dict | None = None
+) -> list:
     """Teacher update, lr schedule, checkpoints, evaluation, metrics — in that order.
 
     Nothing after the checkpointer draws random numbers (inference is deterministic and its
@@ -255,7 +274,9 @@ def build_hooks(cfg: CfgNode, trainer: Trainer, checkpointer: Checkpointer) -> l
         hooks.append(TeacherUpdate(cfg.SSL.BURNIN_ITER, cfg.SSL.EMA_DECAY))
     hooks.append(LRScheduler())
     # Checkpoints before evaluation: a failing evaluation must not cost model_final.pth.
-    hooks.append(PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, cfg.dump()))
+    hooks.append(
+        PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, cfg.dump(), class_metadata)
+    )
     if cfg.DATASETS.TEST or cfg.DATASETS.TEST_JSON:
         models = _eval_models(cfg, trainer.model, trainer.teacher)
         hooks.append(EvalHook(cfg.TEST.EVAL_PERIOD, lambda: evaluate_models(cfg, models)))
@@ -310,7 +331,8 @@ def test_datasets(cfg: CfgNode) -> list[tuple[str, list[dict], dict]]:
 
 
 def build_training_streams(cfg: CfgNode):
-    """The labeled loader and, for guided distillation, the unlabeled one."""
+    """The labeled loader, for guided distillation the unlabeled one, and the class metadata
+    (``thing_classes``, ``thing_dataset_id_to_contiguous_id``) stored in checkpoints."""
     from gdseg.data.loader import build_train_loader, build_unlabeled_loader
 
     records, metadata = labeled_dataset(cfg)
@@ -321,7 +343,12 @@ def build_training_streams(cfg: CfgNode):
         unlabeled_records = unlabeled_dataset(cfg)
         logger.info("Unlabeled images: %d", len(unlabeled_records))
         unlabeled = build_unlabeled_loader(cfg, unlabeled_records, seed=cfg.SEED)
-    return labeled, unlabeled
+    class_metadata = {
+        k: metadata[k]
+        for k in ("thing_classes", "thing_dataset_id_to_contiguous_id")
+        if k in metadata
+    }
+    return labeled, unlabeled, class_metadata
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -371,7 +398,13 @@ def evaluate_models(cfg: CfgNode, models: dict[str, nn.Module]) -> dict:
 
                 evaluator = CityscapesInstanceEvaluator(ds_name, metadata, out_dir)
             else:
-                evaluator = COCOEvaluator(ds_name, metadata, out_dir, records=records)
+                evaluator = COCOEvaluator(
+                    ds_name,
+                    metadata,
+                    out_dir,
+                    records=records,
+                    backend=cfg.TEST.COCO_EVAL_BACKEND,
+                )
             results[name][ds_name] = evaluator.evaluate(predictions)
     comm.synchronize()
     return results

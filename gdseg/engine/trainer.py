@@ -248,7 +248,9 @@ class Trainer(TrainerBase):
         self, images: torch.Tensor, targets: list[dict], strong: torch.Tensor, pseudo: list[dict]
     ) -> LossDict:
         """``L_sup`` on labeled images + ``UNSUP_LOSS_WEIGHT * L_unsup`` on strong views."""
-        if self.batch_student and images.shape[1:] == strong.shape[1:]:
+        # Every process must take the same branch: DDP runs a collective in each forward.
+        same_size = images.shape[1:] == strong.shape[1:]
+        if self.batch_student and comm.all_processes_agree(same_size):
             with self.precision.autocast():
                 both = self.model(torch.cat([images, strong]))
             out_sup, out_unsup = split_outputs(both, images.shape[0])

@@ -152,6 +152,56 @@ class MLP(nn.Module):
         return x
 
 
+class _MaskLogits(torch.autograd.Function):
+    """``bmm(embed, features)`` whose backward skips the all-zero rows of the gradient.
+
+    The set criterion reaches only the masks of matched queries (a few percent of the B*Q
+    rows), so most rows of the mask-logit gradient are exactly zero; leaving them out of the
+    two backward matmuls (the largest of the decoder) changes nothing but the rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, embed: Tensor, features: Tensor) -> Tensor:
+        ctx.save_for_backward(embed, features)
+        return torch.bmm(embed, features)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        embed, features = ctx.saved_tensors
+        grad = grad.to(embed.dtype)
+        live = grad.ne(0).any(-1)  # [B, Q]
+        if 2 * int(live.sum()) > live.numel():  # dense gradient (another loss): plain bmm
+            grad_embed = torch.bmm(grad, features.transpose(1, 2))
+            grad_features = torch.bmm(embed.transpose(1, 2), grad)
+            return grad_embed, grad_features
+        grad_embed = torch.zeros_like(embed) if ctx.needs_input_grad[0] else None
+        grad_features = torch.zeros_like(features) if ctx.needs_input_grad[1] else None
+        for b in range(grad.shape[0]):
+            rows = live[b].nonzero().squeeze(1)
+            if len(rows) == 0:
+                continue
+            g = grad[b, rows]  # [r, N]
+            if grad_embed is not None:
+                grad_embed[b, rows] = g @ features[b].t()
+            if grad_features is not None:
+                torch.mm(embed[b, rows].t(), g, out=grad_features[b])
+        return grad_embed, grad_features
+
+
+def mask_logits(embed: Tensor, features: Tensor) -> Tensor:
+    """Per-query mask logits ``[B, Q, N]`` from embeddings ``[B, Q, C]`` and features
+    ``[B, C, N]``. On the CPU the backward only multiplies the gradient rows that are not all
+    zero (see :class:`_MaskLogits`); elsewhere a plain ``bmm`` (no host synchronization)."""
+    if (
+        embed.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (embed.requires_grad or features.requires_grad)
+        and not torch.compiler.is_compiling()
+    ):
+        return _MaskLogits.apply(embed, features)
+    return torch.bmm(embed, features)
+
+
 class MultiScaleMaskedTransformerDecoder(nn.Module):
     """Masked-attention decoder of Mask2Former.
 
@@ -276,7 +326,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
         B, C, H, W = mask_features.shape
-        outputs_mask = torch.bmm(
+        outputs_mask = mask_logits(
             mask_embed, mask_features.reshape(B, C, H * W).to(mask_embed.dtype)
         )
         outputs_mask = outputs_mask.view(B, -1, H, W)

@@ -144,3 +144,10 @@ def test_initial_weights_backbone_only_or_full_model(tmp_path, cfg):
     load_initial_weights(student, str(full))
     assert _equal(student, source.state_dict())
     load_initial_weights(student, "")  # nothing to load: no error
+
+
+def test_a_backbone_file_is_not_a_teacher(tmp_path, cfg):
+    path = tmp_path / "resnet18.pth"
+    torch.save(_model(cfg, 1).backbone.state_dict(), path)
+    with pytest.raises(RuntimeError, match="whole model"):
+        load_teacher_weights(_model(cfg, 0), str(path))

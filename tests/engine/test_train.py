@@ -141,7 +141,6 @@ def test_loss_goes_down_on_the_tiny_config(tmp_path, synthetic_cache, teacher_ck
     assert last < 0.85 * first, (first, last)
 
 
-@pytest.mark.slow
 def test_published_command_lines_end_to_end(tmp_path, synthetic_cache):
     """Stage 1, stage 2 from its model_final.pth, then --eval-only SSL.EVAL_WHO BOTH."""
     data = ["DATASETS.SYNTHETIC.CACHE_DIR", synthetic_cache]
@@ -153,8 +152,15 @@ def test_published_command_lines_end_to_end(tmp_path, synthetic_cache):
     main(_args(stage2, tmp_path / "student"))
     final = load_file(tmp_path / "student" / "model_final.pth")
     assert {"model", "teacher", "optimizer", "scheduler", "rng", "data", "config"} <= set(final)
+    # class names travel with the weights (gdseg predict needs no dataset)
+    from gdseg.data.catalog import get_metadata
+
+    assert final["metadata"]["thing_classes"] == get_metadata("synthetic_train")["thing_classes"]
     phases = [r["phase"] for r in _metrics(tmp_path / "student")]
     assert phases == ["burn_in", "burn_in", "ema", "ema"]
+    # --resume of a finished run: nothing left to train, nothing trained twice.
+    main(_args(stage2, tmp_path / "student", "--resume"))
+    assert len(_metrics(tmp_path / "student")) == 4
     weights = ["MODEL.WEIGHTS", str(tmp_path / "student" / "model_final.pth")]
     main(_args([*data, *weights, "SSL.EVAL_WHO", "BOTH"], tmp_path / "eval", "--eval-only"))
     for who in ("student", "teacher"):
