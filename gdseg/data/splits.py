@@ -15,10 +15,10 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from ..fileio import atomic_write_text
 from .coco import read_coco_json
 from .validation import DataError
 
@@ -95,20 +95,6 @@ def _num_selected(p: float, n: int, source: str) -> int:
     return k
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a file via a temporary file in the same folder, so readers never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _sha256_of(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -181,7 +167,7 @@ def split_coco(
             "image_ids": [img["id"] for img in subset["images"]],
         }
         path = out_dir / f"{json_file.stem}_{suffix}.json"
-        _write_atomic(path, json.dumps(subset))
+        atomic_write_text(json.dumps(subset), path)
         logger.info("%s %% split (seed %d): %d/%d images -> %s", p, seed, k, len(images), path)
         written[given] = str(path)
     return written
@@ -240,7 +226,7 @@ def split_cityscapes(
             f"source_num_images={len(rel)}\n# source: {(root / 'leftImg8bit' / split).resolve()}\n"
         )
         path = out_dir / f"{split}_{suffix}.txt"
-        _write_atomic(path, header + "".join(line + "\n" for line in chosen))
+        atomic_write_text(header + "".join(line + "\n" for line in chosen), path)
         logger.info(
             "%s %% cityscapes split (seed %d): %d/%d images -> %s", p, seed, k, len(rel), path
         )

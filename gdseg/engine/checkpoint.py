@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 import gdseg
+from gdseg.fileio import atomic_write, atomic_write_text
 
 from .distributed import unwrap_model
 
@@ -32,36 +32,7 @@ LAST_CHECKPOINT = "last_checkpoint"
 # -- atomic files ---------------------------------------------------------------------------
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write a text file atomically (temporary file + rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def load_file(path: str | os.PathLike) -> dict:

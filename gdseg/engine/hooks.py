@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
+from gdseg.fileio import atomic_write_text
 from gdseg.semisup.ema import copy_student_to_teacher, ema_update
 
 from . import distributed as comm
-from .checkpoint import Checkpointer, atomic_write_text, get_rng_state
+from .checkpoint import Checkpointer, get_rng_state
 from .trainer import HookBase
 
 logger = logging.getLogger(__name__)

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from gdseg.config import CfgNode, get_cfg
+from gdseg.fileio import atomic_write_text
 
 from . import distributed as comm
 from .amp import build_precision
 from .checkpoint import (
     Checkpointer,
-    atomic_write_text,
     has_teacher,
     load_file,
     load_full_model,
