@@ -169,22 +169,21 @@ class _MaskLogits(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         embed, features = ctx.saved_tensors
         grad = grad.to(embed.dtype)
-        live = grad.ne(0).any(-1)  # [B, Q]
+        live = grad.abs().amax(-1) != 0  # [B, Q]; NaN rows count as live
+        need_embed, need_features = ctx.needs_input_grad
         if 2 * int(live.sum()) > live.numel():  # dense gradient (another loss): plain bmm
-            grad_embed = torch.bmm(grad, features.transpose(1, 2))
-            grad_features = torch.bmm(embed.transpose(1, 2), grad)
+            grad_embed = torch.bmm(grad, features.transpose(1, 2)) if need_embed else None
+            grad_features = torch.bmm(embed.transpose(1, 2), grad) if need_features else None
             return grad_embed, grad_features
-        grad_embed = torch.zeros_like(embed) if ctx.needs_input_grad[0] else None
-        grad_features = torch.zeros_like(features) if ctx.needs_input_grad[1] else None
+        grad_embed = torch.zeros_like(embed) if need_embed else None
+        grad_features = torch.empty_like(features) if need_features else None
         for b in range(grad.shape[0]):
             rows = live[b].nonzero().squeeze(1)
-            if len(rows) == 0:
-                continue
             g = grad[b, rows]  # [r, N]
-            if grad_embed is not None:
+            if need_embed and len(rows):
                 grad_embed[b, rows] = g @ features[b].t()
-            if grad_features is not None:
-                torch.mm(embed[b, rows].t(), g, out=grad_features[b])
+            if need_features:
+                torch.mm(embed[b, rows].t(), g, out=grad_features[b])  # zeros if r == 0
         return grad_embed, grad_features
 
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from engine_fakes import distributed_worker
+from tests.engine.engine_fakes import distributed_worker
 
 from gdseg.config import ConfigError
 from gdseg.engine.checkpoint import load_file

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from engine_fakes import make_trainer, tiny_cfg
+from tests.engine.engine_fakes import make_trainer, tiny_cfg
 
 from gdseg.engine.checkpoint import Checkpointer, load_file
 from gdseg.engine.hooks import MetricsWriter
