@@ -167,6 +167,7 @@ def plot_ap_curves(
     ax.set_ylabel("mask AP on the validation set")
     ax.set_title("Validation mask AP during training")
     ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)

@@ -80,7 +80,13 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 def eval_output_dir(output_dir: str, model_name: str, dataset_name: str) -> str:
-    """``OUTPUT_DIR/eval/<model>/<dataset>``, where metrics.json and the results go."""
+    """``OUTPUT_DIR/eval/<model>/<dataset>``, where metrics.json and the results go.
+
+    A dataset given by its json path (``DATASETS.TEST_JSON``) gets the json's stem as folder
+    name: joining an absolute path would write beside the user's json instead.
+    """
+    if "/" in dataset_name or os.sep in dataset_name or dataset_name.endswith(".json"):
+        dataset_name = os.path.splitext(os.path.basename(dataset_name.rstrip("/" + os.sep)))[0]
     return os.path.join(output_dir, "eval", model_name, dataset_name)
 
 

@@ -8,6 +8,7 @@ import copy
 import io
 import json
 import math
+import os
 
 import pytest
 from pycocotools.coco import COCO
@@ -196,6 +197,15 @@ def test_predictions_map_back_to_json_category_ids(coco_gt):
     key = lambda r: (r["image_id"], r["score"], r["category_id"])  # noqa: E731
     assert sorted(map(key, back)) == sorted(map(key, results))
     assert {r["category_id"] for r in back} <= set(CATEGORY_IDS)
+
+
+def test_eval_output_dir_of_a_json_path_stays_inside_output(tmp_path):
+    # DATASETS.TEST_JSON names the dataset by its (absolute) path: never write beside it.
+    out = eval_output_dir(str(tmp_path / "out"), "teacher", "/data/mine/annotations/val.json")
+    assert out == str(tmp_path / "out" / "eval" / "teacher" / "val")
+    assert eval_output_dir("o", "student", "coco_2017_val") == os.path.join(
+        "o", "eval", "student", "coco_2017_val"
+    )
 
 
 def test_coco_evaluator_writes_files_and_matches(tmp_path, coco_gt):

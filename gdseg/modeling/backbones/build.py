@@ -65,8 +65,11 @@ def build_backbone(cfg) -> Backbone:
     Pretrained weights are loaded separately (``load_pretrained_backbone``).
     """
     name = canonical_name(cfg.MODEL.BACKBONE.NAME)
-    if cfg.MODEL.BACKBONE.FREEZE_AT and _FAMILY[name] != "resnet":
-        logger.warning("MODEL.BACKBONE.FREEZE_AT only applies to ResNets; ignored for %s", name)
+    if cfg.MODEL.BACKBONE.FREEZE_AT and _FAMILY[name] not in ("resnet", "mobilenet"):
+        logger.warning(
+            "MODEL.BACKBONE.FREEZE_AT only applies to ResNets and MobileNetV2; ignored for %s",
+            name,
+        )
     return BACKBONE_REGISTRY[name](cfg)
 
 
@@ -194,4 +197,4 @@ for _name in VIT_PRESETS:
 # -- small CNNs ---------------------------------------------------------------------------------
 @register_backbone("mobilenet_v2", "mobilenet")
 def _mobilenet_v2(cfg) -> Backbone:
-    return MobileNetV2(norm=cfg.MODEL.RESNETS.NORM)
+    return MobileNetV2(norm=cfg.MODEL.RESNETS.NORM, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)

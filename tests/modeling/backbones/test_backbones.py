@@ -142,6 +142,26 @@ def test_resnet_norms_and_freeze_at():
         build_resnet(18, norm="GN")
 
 
+def test_mobilenet_freeze_at():
+    torch.manual_seed(0)
+    cfg = _cfg("mobilenet_v2", "MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", 2)
+    model = build_backbone(cfg)
+    # Stem (features.0) and res2 (features.1-3) frozen, res3 onwards trainable.
+    trainable = {int(n.split(".")[1]) for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(range(4, 18))
+    norms = [
+        (i, type(m))
+        for i, f in enumerate(model.features)
+        for m in f.modules()
+        if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d))
+    ]
+    assert all((t is FrozenBatchNorm2d) == (i < 4) for i, t in norms)
+    _check_forward_backward(model)
+    # Same state-dict names as the unfrozen FrozenBN model, so pretrained files load the same.
+    names = set(build_backbone(_cfg("mobilenet_v2")).state_dict())
+    assert names == {n for n in model.state_dict() if not n.endswith("num_batches_tracked")}
+
+
 def test_resnet_stride_in_1x1():
     model = build_resnet(50, stride_in_1x1=True)
     assert model.layer2[0].conv1.stride == (2, 2) and model.layer2[0].conv2.stride == (1, 1)
