@@ -202,7 +202,9 @@ def _is_pointwise_function(src: torch.Tensor, dst: torch.Tensor) -> bool:
 def _unlabeled_mapper(strong: v2.Transform) -> UnlabeledMapper:
     image = _palette_image()
     return UnlabeledMapper(
-        lsj_transforms(64, 0.5, 1.5, image_fill=0), strong, image_loader=lambda record: image.clone()
+        lsj_transforms(64, 0.5, 1.5, image_fill=0),
+        strong,
+        image_loader=lambda record: image.clone(),
     )
 
 

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from tests.engine.engine_fakes import distributed_worker
 
 from gdseg.config import ConfigError
 from gdseg.engine.checkpoint import load_file
@@ -15,6 +14,7 @@ from gdseg.engine.launch import launch
 from gdseg.engine.train import add_train_args, build_trainer, main, setup
 from gdseg.engine.trainer import HookBase
 from gdseg.model_zoo import get_config_file
+from tests.engine.engine_fakes import distributed_worker
 
 CONFIG = get_config_file("demo/tiny_instant.yaml")
 

@@ -5,12 +5,12 @@ import os
 
 import pytest
 import torch
-from tests.engine.engine_fakes import make_trainer, tiny_cfg
 
 from gdseg.engine.checkpoint import Checkpointer, load_file
 from gdseg.engine.hooks import MetricsWriter
 from gdseg.engine.train import resume_from_last
 from gdseg.engine.trainer import HookBase, NonFiniteLossError, split_outputs
+from tests.engine.engine_fakes import make_trainer, tiny_cfg
 
 
 def _state(module):
