@@ -100,10 +100,13 @@ def normalized(images: list[torch.Tensor]) -> torch.Tensor:
     return batch_images(images, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, 32)[0]
 
 
-def gdseg_trainer(model, labeled, teacher=None, unlabeled=None, semisup=None, precision="fp32",
-                  optimizer=None):
+def gdseg_trainer(
+    model, labeled, teacher=None, unlabeled=None, semisup=None, precision="fp32", optimizer=None
+):
     cfg = gdseg_cfg()
-    prec = resolve_precision(precision != "fp32", "bf16" if precision == "fp32" else precision, "cpu")
+    prec = resolve_precision(
+        precision != "fp32", "bf16" if precision == "fp32" else precision, "cpu"
+    )
     return Trainer(
         model,
         build_criterion(cfg),
@@ -208,8 +211,9 @@ def row_infer(args) -> dict:
     images = normalized([d["image"] for d in make_batch(1, args.infer_size, 1, seed=1)])
     torch.manual_seed(0)
     ours, hf = build_model(gdseg_cfg()).eval(), hf_model().eval()
-    return alternate(_no_grad(lambda: ours(images)), _no_grad(lambda: hf(pixel_values=images)),
-                     args.pairs)
+    return alternate(
+        _no_grad(lambda: ours(images)), _no_grad(lambda: hf(pixel_values=images)), args.pairs
+    )
 
 
 def gd_setup(args, precision="fp32"):
@@ -220,8 +224,9 @@ def gd_setup(args, precision="fp32"):
     teacher = build_model(gdseg_cfg()).eval()
     semisup = calibrated_semisup(teacher, unlabeled)
     sup = gdseg_trainer(student, labeled, precision=precision)
-    gd = gdseg_trainer(student, labeled, teacher, unlabeled, semisup, precision,
-                       optimizer=sup.optimizer)
+    gd = gdseg_trainer(
+        student, labeled, teacher, unlabeled, semisup, precision, optimizer=sup.optimizer
+    )
 
     def gd_step():
         ema_update(teacher, student, semisup.ema_decay)  # the EMA hook's before_step
@@ -304,9 +309,22 @@ def memory_child(args) -> None:
 def row_memory(args) -> dict:
     out = {}
     for case in ("gdseg_train", "hf_train", "gdseg_gd", "gdseg_infer", "hf_infer"):
-        cmd = [sys.executable, __file__, "--memory-child", case, "--size", str(args.size),
-               "--infer-size", str(args.infer_size), "--batch", str(args.batch),
-               "--instances", str(args.instances), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            case,
+            "--size",
+            str(args.size),
+            "--infer-size",
+            str(args.infer_size),
+            "--batch",
+            str(args.batch),
+            "--instances",
+            str(args.instances),
+            "--threads",
+            str(args.threads),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[case] = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"  memory {case}: {out[case]}", flush=True)
@@ -408,14 +426,16 @@ def row_breakdown(args) -> dict:
         ("transformer decoder", hf_decoder),
         ("criterion", hf_loss),
     ]
+    clock = time.process_time if args.breakdown_clock == "cpu" else time.perf_counter
+    stat = statistics.median if args.breakdown_stat == "median" else min
     rows = {"gdseg": [], "transformers": []}
     for i in range(args.pairs + 1):
-        r1 = staged_step(ours_stages, images, ours_tr.optimizer)
-        r2 = staged_step(hf_stages, images, hf_opt)
+        r1 = staged_step(ours_stages, images, ours_tr.optimizer, clock)
+        r2 = staged_step(hf_stages, images, hf_opt, clock)
         if i:  # the first step is warm-up
             rows["gdseg"].append(r1)
             rows["transformers"].append(r2)
-    return {k: {n: statistics.median(r[n] for r in v) for n in v[0]} for k, v in rows.items()}
+    return {k: {n: stat(r[n] for r in v) for n in v[0]} for k, v in rows.items()}
 
 
 def _hf_pixel_decoder(plm):
@@ -499,18 +519,23 @@ def render(args, results: dict, loads: dict) -> str:
             "| case | peak RSS MiB | growth MiB |",
             "|---|---|---|",
         ]
-        labels = {"gdseg_train": "gdseg train step", "hf_train": "transformers train step",
-                  "gdseg_gd": "gdseg GD iteration (student + teacher)",
-                  "gdseg_infer": "gdseg forward", "hf_infer": "transformers forward"}
+        labels = {
+            "gdseg_train": "gdseg train step",
+            "hf_train": "transformers train step",
+            "gdseg_gd": "gdseg GD iteration (student + teacher)",
+            "gdseg_infer": "gdseg forward",
+            "hf_infer": "transformers forward",
+        }
         for case, v in m.items():
-            lines.append(f"| {labels[case]} | {v['peak_mb']:.0f} | "
-                         f"{v['peak_mb'] - v['base_mb']:.0f} |")
+            lines.append(
+                f"| {labels[case]} | {v['peak_mb']:.0f} | {v['peak_mb'] - v['base_mb']:.0f} |"
+            )
     if "breakdown" in results:
         bd = results["breakdown"]
         lines += [
             "",
-            f"Breakdown of one training step: process CPU seconds, {args.threads} thread(s), "
-            f"median of {args.pairs} steps. The step runs stage by stage, cut apart by "
+            f"Breakdown of one training step: {args.breakdown_clock} seconds, {args.threads} "
+            f"thread(s), {args.breakdown_stat} of {args.pairs} steps. The step runs stage by stage, cut apart by "
             "`detach`, and backward stage by stage (same work as one fused backward); "
             "transformers' class head counts as criterion.",
             "",
@@ -518,10 +543,13 @@ def render(args, results: dict, loads: dict) -> str:
             "|---|---|---|",
         ]
         for part in bd["gdseg"]:
-            lines.append(f"| {part} | {bd['gdseg'][part]:.3f} | "
-                         f"{bd['transformers'].get(part, float('nan')):.3f} |")
-        lines.append(f"| total | {sum(bd['gdseg'].values()):.3f} | "
-                     f"{sum(bd['transformers'].values()):.3f} |")
+            lines.append(
+                f"| {part} | {bd['gdseg'][part]:.3f} | "
+                f"{bd['transformers'].get(part, float('nan')):.3f} |"
+            )
+        lines.append(
+            f"| total | {sum(bd['gdseg'].values()):.3f} | {sum(bd['transformers'].values()):.3f} |"
+        )
     lines.append(END)
     return "\n".join(lines)
 
@@ -530,7 +558,7 @@ def write(text: str) -> None:
     path = ROOT / "BENCHMARKS.md"
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) :]
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(new)
@@ -538,15 +566,25 @@ def write(text: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", nargs="+", default=["train", "infer", "gd", "memory", "breakdown"],
-                   choices=["train", "infer", "gd", "memory", "bf16", "channels_last", "compile",
-                            "breakdown"])
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=["train", "infer", "gd", "memory", "breakdown"],
+        choices=["train", "infer", "gd", "memory", "bf16", "channels_last", "compile", "breakdown"],
+    )
     p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--size", type=int, default=384)
     p.add_argument("--infer-size", type=int, default=512)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--instances", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--breakdown-clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="breakdown clock: process CPU time (robust to other load) or wall time",
+    )
+    p.add_argument("--breakdown-stat", choices=["median", "min"], default="median")
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -554,10 +592,16 @@ def main() -> None:
     if args.memory_child:
         memory_child(args)
         return
-    fns = {"train": row_train, "infer": row_infer, "gd": row_gd, "memory": row_memory,
-           "breakdown": row_breakdown, "bf16": lambda a: row_variant(a, "bf16"),
-           "channels_last": lambda a: row_variant(a, "channels_last"),
-           "compile": lambda a: row_variant(a, "compile")}
+    fns = {
+        "train": row_train,
+        "infer": row_infer,
+        "gd": row_gd,
+        "memory": row_memory,
+        "breakdown": row_breakdown,
+        "bf16": lambda a: row_variant(a, "bf16"),
+        "channels_last": lambda a: row_variant(a, "channels_last"),
+        "compile": lambda a: row_variant(a, "compile"),
+    }
     results, loads = {}, {}
     for row in args.rows:
         start = time.perf_counter()
@@ -569,8 +613,9 @@ def main() -> None:
             results[row] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
         loads[row] = load()
         summary = {k: v for k, v in results[row].items() if not isinstance(v, dict)}
-        print(f"{row} ({time.perf_counter() - start:.0f} s, load {loads[row]}): {summary}",
-              flush=True)
+        print(
+            f"{row} ({time.perf_counter() - start:.0f} s, load {loads[row]}): {summary}", flush=True
+        )
         if row == "breakdown" and "error" not in results[row]:
             for k, v in results[row].items():
                 print(f"  {k}: " + ", ".join(f"{n} {t:.3f}" for n, t in v.items()), flush=True)

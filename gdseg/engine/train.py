@@ -82,8 +82,46 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+_SWITCHES = {"--resume": "resume", "--eval-only": "eval_only"}
+_VALUED = {
+    "--config-file": ("config_file", str),
+    "--num-gpus": ("num_gpus", int),
+    "--num-machines": ("num_machines", int),
+    "--machine-rank": ("machine_rank", int),
+    "--dist-url": ("dist_url", str),
+}
+
+
+def _flags_from_opts(args: argparse.Namespace) -> argparse.Namespace:
+    """Take our flags back out of the trailing ``KEY VALUE`` list.
+
+    ``opts`` swallows everything after the first KEY, so ``... OUTPUT_DIR o --eval-only`` would
+    otherwise pass "--eval-only" as a config key. Config keys never start with "--".
+    """
+    opts, rest = list(args.opts or []), []
+    while opts:
+        item = opts.pop(0)
+        name, eq, value = item.partition("=")
+        if item in _SWITCHES:
+            setattr(args, _SWITCHES[item], True)
+        elif name in _VALUED:
+            if not eq:
+                if not opts:
+                    raise SystemExit(f"gdseg train: {name} needs a value")
+                value = opts.pop(0)
+            attr, kind = _VALUED[name]
+            setattr(args, attr, kind(value))
+        elif item.startswith("--"):
+            raise SystemExit(f"gdseg train: unknown flag {item!r} among the config overrides")
+        else:
+            rest.append(item)
+    args.opts = rest
+    return args
+
+
 def main(args: argparse.Namespace) -> None:
     """Launch training (or evaluation) in every process."""
+    args = _flags_from_opts(args)
     launch(
         _worker,
         args.num_gpus,

@@ -236,3 +236,15 @@ def test_train_net_py_takes_the_published_flags():
         "opts",
     ):
         assert flag in out
+
+
+def test_flags_after_the_config_overrides_are_still_flags():
+    from gdseg.engine.train import _flags_from_opts
+
+    parser = add_train_args(argparse.ArgumentParser())
+    argv = ["--config-file", "a.yaml", "OUTPUT_DIR", "o", "--eval-only", "SOLVER.STEPS", "(5,)"]
+    args = _flags_from_opts(parser.parse_args(argv + ["--num-gpus=2", "SEED", "-1"]))
+    assert args.eval_only and args.num_gpus == 2 and not args.resume
+    assert args.opts == ["OUTPUT_DIR", "o", "SOLVER.STEPS", "(5,)", "SEED", "-1"]
+    with pytest.raises(SystemExit, match="--evaluate"):
+        _flags_from_opts(parser.parse_args(["OUTPUT_DIR", "o", "--evaluate"]))
