@@ -146,7 +146,8 @@ Command: `{command.strip()}`; every seed runs exactly `gdseg demo --seed S` (con
 
 Settings: synthetic shapes, {s["image_size"]} px, {s["num_val"]} validation images;
 {s["labeled_percentage"]:g} % labels = {s["num_labeled"]} labeled images, all
-{s["num_unlabeled"]} training images as unlabeled images; {s["backbone"]} from scratch +
+{s["num_unlabeled"]} training images as unlabeled images; {s["backbone"]} (weights:
+{s.get("backbone_weights", "none (random init)")}) +
 Mask2Former head (hidden {s["hidden_dim"]}, {s["num_queries"]} queries,
 {s["decoder_layers"]} decoder layers); {s["iterations_per_stage"]} iterations per stage, batch
 {s["ims_per_batch"]} labeled (+ {s["ims_per_batch"] if s["ims_per_batch_unlabeled"] < 0 else s["ims_per_batch_unlabeled"]}

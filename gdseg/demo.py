@@ -146,6 +146,7 @@ def _settings(cfg, seed: int, config_file: str, opts: Sequence[str], counts: dic
         **counts,
         "image_size": int(cfg.INPUT.IMAGE_SIZE),
         "backbone": m.BACKBONE.NAME,
+        "backbone_weights": m.WEIGHTS or "none (random init)",
         "hidden_dim": int(m.MASK_FORMER.HIDDEN_DIM),
         "num_queries": int(m.MASK_FORMER.NUM_OBJECT_QUERIES),
         "decoder_layers": int(m.MASK_FORMER.DEC_LAYERS) - 1,
