@@ -18,7 +18,8 @@ the order flipping every pair, and the ratio is the median of the per-pair ratio
   step) plus the EMA teacher update of the hook, vs gdseg's supervised step on the same batch.
   The random teacher's class threshold is set so that about 5 pseudo-labels per image pass.
 - ``memory``: peak resident memory of each of the above, one fresh subprocess per case
-  (``ru_maxrss`` after two steps minus ``ru_maxrss`` once the models and data are built).
+  (``VmHWM`` after two steps; growth = that minus ``VmRSS`` once the models and data are
+  built, the peak having been reset through ``/proc/self/clear_refs``).
 - opt-in rows vs gdseg fp32: ``bf16`` (CPU autocast), ``channels_last``, ``compile``
   (``torch.compile`` of the model, compile time reported).
 - ``breakdown``: forward/backward time per part (backbone, pixel decoder, transformer decoder,
@@ -32,12 +33,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import itertools
 import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -153,14 +154,16 @@ def hf_step_fn(model, labeled):
 
 
 def calibrated_semisup(teacher, unlabeled, per_image: int = 5) -> SemisupSettings:
-    """Class threshold under which ~``per_image`` queries of the random teacher pass."""
+    """Class threshold under which ~``per_image`` queries per image of the random teacher pass
+    (the batch's ``per_image * B``-th highest object score, a trained teacher's typical count)."""
     with torch.no_grad():
         out = teacher(normalized([d["image_weak"] for d in unlabeled]))
     probs = out["pred_logits"].softmax(-1)
     scores, labels = probs.max(-1)
-    scores = scores.masked_fill(labels == probs.shape[-1] - 1, 0)
-    kth = scores.topk(per_image, dim=1).values[:, -1].min().item()
-    return SemisupSettings(burnin_iter=0, ema_decay=0.9996, class_threshold=kth * 0.999)
+    scores = scores.masked_fill(labels == probs.shape[-1] - 1, 0).flatten().sort(descending=True)
+    k = per_image * len(unlabeled)
+    threshold = (scores.values[k - 1] + scores.values[k]).item() / 2
+    return SemisupSettings(burnin_iter=0, ema_decay=0.9996, class_threshold=threshold)
 
 
 # -- timing --------------------------------------------------------------------------------
@@ -277,8 +280,14 @@ def _channels_last_batch(batch_fn):
 
 
 # -- memory (one subprocess per case) ------------------------------------------------------
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _rss_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, MiB. Not ``ru_maxrss``: Linux
+    carries the parent's peak into a child through fork and exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory_child(args) -> None:
@@ -300,10 +309,13 @@ def memory_child(args) -> None:
             fn = _no_grad(lambda: model(pixel_values=images))
     else:
         raise ValueError(case)
-    base = _maxrss_mb()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    base = _rss_mb("VmRSS")
     fn()
     fn()
-    print(json.dumps({"base_mb": base, "peak_mb": _maxrss_mb()}))
+    print(json.dumps({"base_mb": base, "peak_mb": _rss_mb("VmHWM")}))
 
 
 def row_memory(args) -> dict:
@@ -426,6 +438,8 @@ def row_breakdown(args) -> dict:
         ("transformer decoder", hf_decoder),
         ("criterion", hf_loss),
     ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.breakdown_threads)
     clock = time.process_time if args.breakdown_clock == "cpu" else time.perf_counter
     stat = statistics.median if args.breakdown_stat == "median" else min
     rows = {"gdseg": [], "transformers": []}
@@ -435,6 +449,7 @@ def row_breakdown(args) -> dict:
         if i:  # the first step is warm-up
             rows["gdseg"].append(r1)
             rows["transformers"].append(r2)
+    torch.set_num_threads(threads)
     return {k: {n: stat(r[n] for r in v) for n in v[0]} for k, v in rows.items()}
 
 
@@ -476,12 +491,14 @@ def render(args, results: dict, loads: dict) -> str:
         f"{args.batch} at {args.size}x{args.size}, {args.instances} instances/image, AdamW + "
         f"clipping; inference: 1 image at {args.infer_size}x{args.infer_size}, eval, no_grad. "
         f"Random weights. A/B alternate in one process ({args.pairs} pairs after 1 warm-up "
-        "pair, order flipping); time = median, ratio = median of per-pair ratios. Load average "
-        "(1/5/15 min) while each row ran is given: with other processes on the machine absolute "
-        "times are inflated, the ratios much less.",
+        "pair, order flipping); A s / B s = median wall seconds, A/B = median of the per-pair "
+        "wall-time ratios; CPU A/B = the same from process CPU time (less disturbed by other "
+        "processes, but it counts threads spinning at OpenMP barriers). Load average (1/5/15 "
+        "min) when the row finished: with other processes on the machine, absolute times are "
+        "inflated and ratios noisy.",
         "",
-        "| row | A | B | A median s | B median s | A/B (median) | per-pair A/B | load |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | A | B | A s | B s | A/B | per-pair A/B | CPU A/B | load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     names = {
         "train": ("gdseg train step", "transformers train step"),
@@ -496,7 +513,7 @@ def render(args, results: dict, loads: dict) -> str:
             continue
         r = results[key]
         if "error" in r:
-            lines.append(f"| {key} | {a} | {b} | - | - | failed: {r['error']} | | {loads[key]} |")
+            lines.append(f"| {key} | {a} | {b} | | | failed: {r['error']} | | | {loads[key]} |")
             continue
         per = " ".join(f"{x:.2f}" for x in r["ratios"])
         note = ""
@@ -506,13 +523,13 @@ def render(args, results: dict, loads: dict) -> str:
             note = f" (compile {r['compile_s']:.0f} s)"
         lines.append(
             f"| {key} | {a}{note} | {b} | {r['a']:.2f} | {r['b']:.2f} | **{r['ratio']:.2f}** "
-            f"| {per} | {loads[key]} |"
+            f"| {per} | {r['cpu_ratio']:.2f} | {loads[key]} |"
         )
     if "memory" in results:
         m = results["memory"]
         lines += [
             "",
-            "Peak memory: one fresh process per case; `ru_maxrss` (peak resident set) after two "
+            "Peak memory: one fresh process per case; `VmHWM` (peak resident set) after two "
             "steps, and its growth over the process once models and data are built (activations,"
             " gradients, optimizer state, allocator caches).",
             "",
@@ -534,8 +551,8 @@ def render(args, results: dict, loads: dict) -> str:
         bd = results["breakdown"]
         lines += [
             "",
-            f"Breakdown of one training step: {args.breakdown_clock} seconds, {args.threads} "
-            f"thread(s), {args.breakdown_stat} of {args.pairs} steps. The step runs stage by stage, cut apart by "
+            f"Breakdown of one training step: {args.breakdown_clock} seconds, "
+            f"{args.breakdown_threads} thread(s), {args.breakdown_stat} of {args.pairs} steps. The step runs stage by stage, cut apart by "
             "`detach`, and backward stage by stage (same work as one fused backward); "
             "transformers' class head counts as criterion.",
             "",
@@ -585,6 +602,12 @@ def main() -> None:
         help="breakdown clock: process CPU time (robust to other load) or wall time",
     )
     p.add_argument("--breakdown-stat", choices=["median", "min"], default="median")
+    p.add_argument(
+        "--breakdown-threads",
+        type=int,
+        default=1,
+        help="threads for the breakdown (1: CPU time is then close to the work done)",
+    )
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()

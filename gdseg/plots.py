@@ -197,5 +197,5 @@ def plot_pseudo_labels(
     ax.set_title("Teacher pseudo-labels that pass the thresholds")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
