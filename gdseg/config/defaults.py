@@ -204,6 +204,12 @@ _C.DATASETS.SYNTHETIC.IMAGE_SIZE = Key(128, "Side of the synthetic images.")
 _C.DATASETS.SYNTHETIC.SEED = Key(0, "Seed of the synthetic dataset.")
 _C.DATASETS.SYNTHETIC.NUM_CLASSES = Key(5, "Shape classes (1-6; set MODEL...NUM_CLASSES to it).")
 _C.DATASETS.SYNTHETIC.MAX_INSTANCES = Key(6, "Most shapes drawn per synthetic image.")
+_C.DATASETS.SYNTHETIC.STYLE = Key(
+    "textured", "Synthetic look: 'textured' (hard) or 'plain' (flat shapes, fast to learn)."
+)
+_C.DATASETS.SYNTHETIC.OBJECT_SIZE = Key(
+    (0.08, 0.22), "(min, max) shape radius as a fraction of the synthetic image side."
+)
 _C.DATASETS.SYNTHETIC.CACHE_DIR = Key("", "Cache folder; empty = ~/.cache/gdseg/synthetic.")
 
 # ---------------------------------------------------------------------------------------------

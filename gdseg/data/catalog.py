@@ -60,6 +60,8 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "num_classes": 5,
     "max_instances": 6,
+    "style": "textured",
+    "object_size": (0.08, 0.22),
     "root": None,
 }
 
@@ -240,6 +242,8 @@ def _synthetic(name: str, opts: dict) -> tuple[list[dict], dict]:
         num_classes=p["num_classes"],
         max_instances=p["max_instances"],
         split=split,
+        style=p["style"],
+        object_size=tuple(p["object_size"]),
     )
     if part == "unlabeled":
         return load_unlabeled_from_json(js, images)
@@ -345,6 +349,8 @@ def _cfg_options(cfg: Any) -> dict:
             "seed": int(syn.SEED),
             "num_classes": int(syn.NUM_CLASSES),
             "max_instances": int(syn.MAX_INSTANCES),
+            "style": str(syn.STYLE),
+            "object_size": tuple(float(v) for v in syn.OBJECT_SIZE),
             "root": syn.CACHE_DIR or None,
         },
     }

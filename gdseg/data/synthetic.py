@@ -30,9 +30,11 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHAPES", "default_cache_dir", "make_synthetic_coco"]
+__all__ = ["SHAPES", "STYLES", "default_cache_dir", "make_synthetic_coco"]
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
+STYLES = ("textured", "plain")
+DEFAULT_OBJECT_SIZE = (0.08, 0.22)
 # Bump when the drawing code changes, so old caches are not reused.
 GENERATOR_VERSION = 1
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}
@@ -87,10 +89,12 @@ def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return yy, xx
 
 
-def _texture(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _texture(
+    yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator, style: str = "textured"
+) -> np.ndarray:
     """A random fill [..., 3] in 0..255 at pixels (yy, xx), independent of the shape class."""
     c1 = _random_colour(rng).astype(np.float32)
-    kind = rng.integers(5)
+    kind = rng.integers(5) if style == "textured" else 0
     if kind == 0:  # flat colour
         t = np.zeros_like(yy)
     elif kind == 4:  # colour noise
@@ -112,10 +116,13 @@ def _texture(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.nda
     return c1 * (1 - t) + c2 * t
 
 
-def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """Gradient, blotches or an object-like texture, plus clutter lines and pixel noise."""
+def _background(h: int, w: int, rng: np.random.Generator, style: str) -> np.ndarray:
+    """Gradient, blotches or an object-like texture, plus clutter lines and pixel noise.
+
+    ``style="plain"``: a two-colour gradient and faint noise only.
+    """
     yy, xx = _grid(h, w)
-    kind = rng.integers(3)
+    kind = rng.integers(3) if style == "textured" else 0
     if kind == 0:  # two-colour linear gradient
         c1, c2 = _random_colour(rng), _random_colour(rng)
         ang = rng.uniform(0, 2 * np.pi)
@@ -130,6 +137,8 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     else:  # the textures objects get, so that texture alone does not say "object"
         out = _texture(yy, xx, rng)
     out = np.array(out, dtype=np.float32)
+    if style == "plain":
+        return out + rng.standard_normal(out.shape, dtype=np.float32) * 3
     for _ in range(rng.integers(0, 4)):  # clutter that is not an object
         ang, off = rng.uniform(0, np.pi), rng.uniform(-0.5, 0.5) * max(h, w)
         d = np.abs((xx - w / 2) * np.sin(ang) - (yy - h / 2) * np.cos(ang) - off)
@@ -144,13 +153,14 @@ def _rasterize(polys: list[np.ndarray], h: int, w: int) -> np.ndarray:
     return mask_util.decode(mask_util.merge(mask_util.frPyObjects(flat, h, w))).astype(bool)
 
 
-def _draw_instance(shape: str, h: int, w: int, rng: np.random.Generator):
+def _draw_instance(shape: str, h: int, w: int, rng: np.random.Generator, size: tuple[float, float]):
     """(polygons in image coordinates, full bool mask) of one randomly placed shape.
 
-    The centre stays inside the image but the shape may be cut by the border.
+    ``size``: (min, max) radius as a fraction of the shorter image side. The centre stays
+    inside the image but the shape may be cut by the border.
     """
     side = min(h, w)
-    r = side * rng.uniform(0.08, 0.22)
+    r = side * rng.uniform(*size)
     aspect = rng.uniform(0.8, 1.25)
     rot = rng.uniform(0, 2 * np.pi)
     rmat = np.array([[np.cos(rot), -np.sin(rot)], [np.sin(rot), np.cos(rot)]])
@@ -173,12 +183,20 @@ def _visible(masks: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def _make_image(h: int, w: int, classes: tuple[str, ...], n: int, rng: np.random.Generator):
+def _make_image(
+    h: int,
+    w: int,
+    classes: tuple[str, ...],
+    n: int,
+    rng: np.random.Generator,
+    style: str,
+    size: tuple[float, float],
+):
     """(uint8 image [h, w, 3], [(class index, polygons or None, visible mask)])."""
     insts = []
     for _ in range(n):
         k = int(rng.integers(len(classes)))
-        polys, mask = _draw_instance(classes[k], h, w, rng)
+        polys, mask = _draw_instance(classes[k], h, w, rng, size)
         if mask.sum() >= 20:
             insts.append((k, polys, mask))
     while insts:  # drop the most hidden instance until every one is mostly visible
@@ -188,14 +206,14 @@ def _make_image(h: int, w: int, classes: tuple[str, ...], n: int, rng: np.random
         if frac[worst] >= 0.55 and vis[worst].sum() >= 20:
             break
         insts.pop(worst)
-    img = _background(h, w, rng)
+    img = _background(h, w, rng, style)
     out = []
     vis = _visible([m for _, _, m in insts]) if insts else []
     for (k, polys, mask), v in zip(insts, vis):
         ys, xs = np.nonzero(mask)
         under = img[ys, xs].mean(0)
         for _ in range(4):  # avoid camouflage: the object should stand out from what is under
-            fill = _texture(ys.astype(np.float32), xs.astype(np.float32), rng)
+            fill = _texture(ys.astype(np.float32), xs.astype(np.float32), rng, style)
             if np.abs(fill.mean(0) - under).sum() > 80:
                 break
         img[ys, xs] = fill + rng.standard_normal(fill.shape, dtype=np.float32) * 4
@@ -222,7 +240,15 @@ def _generate(out: Path, params: dict) -> None:
         # One generator per image: image i does not depend on how many images are made.
         rng = np.random.default_rng([params["seed"], split_code, i])
         n = int(rng.integers(params["min_instances"], params["max_instances"] + 1))
-        img, insts = _make_image(h, w, classes, n, rng)
+        img, insts = _make_image(
+            h,
+            w,
+            classes,
+            n,
+            rng,
+            params.get("style", "textured"),
+            tuple(params.get("object_size", DEFAULT_OBJECT_SIZE)),
+        )
         name = f"{i + 1:06d}.{ext}"
         save_kw = {"quality": 92} if ext == "jpg" else {}
         Image.fromarray(img).save(out / "images" / name, **save_kw)
@@ -266,6 +292,8 @@ def make_synthetic_coco(
     min_instances: int = 1,
     image_format: str = "jpg",
     split: str = "train",
+    style: str = "textured",
+    object_size: tuple[float, float] = (0.08, 0.22),
 ) -> tuple[str, str]:
     """Generate (or reuse) a synthetic COCO-format dataset.
 
@@ -280,6 +308,9 @@ def make_synthetic_coco(
             be removed when hidden by others, so some images can end up with fewer.
         image_format: "jpg" or "png".
         split: "train", "val", ...; different splits give different images for one seed.
+        style: "textured" (stripes, checkers, noise, clutter lines: the model must learn shape)
+            or "plain" (flat-coloured shapes on a smooth gradient: learned in minutes on a CPU).
+        object_size: (min, max) shape radius as a fraction of the shorter image side.
 
     Returns:
         (json path, image folder), ready for :func:`gdseg.data.coco.load_coco_instances`.
@@ -287,6 +318,13 @@ def make_synthetic_coco(
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if not 1 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be in 1..{len(SHAPES)}, got {num_classes}")
+    object_size = (float(object_size[0]), float(object_size[1]))
+    if not 0 < object_size[0] <= object_size[1] <= 1:
+        raise ValueError(
+            f"object_size must be (min, max) with 0 < min <= max <= 1, got {object_size}"
+        )
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     if not 0 <= min_instances <= max_instances or num_images < 1 or min(hw) < 32:
@@ -305,6 +343,11 @@ def make_synthetic_coco(
         "split": split,
         "version": GENERATOR_VERSION,
     }
+    # Only non-default values enter the cache key, so existing datasets keep their folders.
+    if style != "textured":
+        params["style"] = style
+    if object_size != DEFAULT_OBJECT_SIZE:
+        params["object_size"] = list(object_size)
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     base = Path(root).expanduser() if root is not None else default_cache_dir()
     final = base / f"{split}_{key}"

@@ -81,3 +81,31 @@ def test_bad_arguments():
         make_synthetic_coco("/nonexistent", num_classes=7)
     with pytest.raises(ValueError, match="image_format"):
         make_synthetic_coco("/nonexistent", image_format="gif")
+    with pytest.raises(ValueError, match="style"):
+        make_synthetic_coco("/nonexistent", style="fancy")
+    with pytest.raises(ValueError, match="object_size"):
+        make_synthetic_coco("/nonexistent", object_size=(0.3, 0.1))
+
+
+def test_plain_style_and_object_size(tmp_path):
+    textured, _ = make_synthetic_coco(tmp_path, seed=0, **KW)
+    js, im = make_synthetic_coco(tmp_path, seed=0, style="plain", object_size=(0.2, 0.3), **KW)
+    assert js != textured  # own cache folder; the textured default keeps its folder
+    records, _ = load_coco_instances(js, im)
+    small, _ = load_coco_instances(*make_synthetic_coco(tmp_path, seed=0, **KW))
+    mean_area = [
+        np.mean([decode_mask(a, 64, 64).sum() for r in rs for a in r["annotations"]])
+        for rs in (records, small)
+    ]
+    assert mean_area[0] > 1.5 * mean_area[1]  # radius 0.2-0.3 of the side vs 0.08-0.22
+
+    # plain: every shape is one flat colour (plus faint noise and JPEG ringing at its edges)
+    def colour_spread(recs):
+        out = []
+        for r in recs:
+            img = np.asarray(Image.open(r["file_name"]).convert("RGB"), dtype=np.float64)
+            for a in r["annotations"]:
+                out.append(img[decode_mask(a, 64, 64).astype(bool)].std(0).mean())
+        return np.median(out)
+
+    assert colour_spread(records) < 0.6 * colour_spread(small)
