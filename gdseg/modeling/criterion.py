@@ -152,6 +152,12 @@ class SetCriterion(nn.Module):
         Args:
             outputs: ``{"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, h, w],
                 "aux_outputs": [{"pred_logits", "pred_masks"}] * (L - 1)}`` (aux optional).
+                When every prediction also holds ``"mask_embed"`` ``[B, Q, C]`` and
+                ``outputs["mask_features"]`` ``[B, C, h, w]`` is given (Mask2Former's
+                outputs, ``pred_masks = mask_embed @ mask_features``), the masks of matched
+                queries are recomputed from these two factors and the gradient flows through
+                them: ``pred_masks`` is then only read (matching, point selection), and no
+                gradient the size of all ``B x Q`` masks of every layer is ever formed.
             targets: ``B`` dicts ``{"labels": int64 [N_b], "masks": [N_b, H, W]}``; masks bool
                 or float, covering the same (padded) frame as the predictions at any
                 resolution. ``N_b`` may be 0.
@@ -174,7 +180,9 @@ class SetCriterion(nn.Module):
             if "labels" in self.losses:
                 per_layer["loss_ce"] = self._loss_labels(layers, targets, rows)
             if "masks" in self.losses:
-                per_layer.update(self._loss_masks(layers, targets, rows, num_masks))
+                factored = all("mask_embed" in o for o in layers)
+                features = outputs.get("mask_features") if factored else None
+                per_layer.update(self._loss_masks(layers, targets, rows, num_masks, features))
 
         losses = {}
         for name, values in per_layer.items():
@@ -217,13 +225,18 @@ class SetCriterion(nn.Module):
         targets: Sequence[dict[str, Tensor]],
         rows: _Rows,
         num_masks: float,
+        features: Tensor | None,
     ) -> dict[str, Tensor]:
         """Point-sampled BCE and dice per layer, ``{"loss_mask": [L], "loss_dice": [L]}``."""
         num_layers = len(layers)
         if len(rows.layer) == 0:
-            # No target anywhere: zero losses that still reach pred_masks (DDP sees every
-            # parameter used).
-            zero = torch.stack([o["pred_masks"].sum() * 0.0 for o in layers]).float()
+            # No target anywhere: zero losses that still reach the mask predictions (DDP sees
+            # every parameter used).
+            if features is None:
+                zero = torch.stack([o["pred_masks"].sum() * 0.0 for o in layers]).float()
+            else:
+                zero = torch.stack([o["mask_embed"].sum() * 0.0 for o in layers]).float()
+                zero = zero + features.sum().float() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
         # Split the layers into chunks whose candidate points fit the memory budget.
         candidates = int(self.num_points * self.oversample_ratio)
@@ -239,7 +252,7 @@ class SetCriterion(nn.Module):
                 end_row += rows.layer_counts[end_layer]
                 end_layer += 1
             bce, dice = self._mask_losses_rows(
-                layers, targets, rows, start_layer, end_layer, start_row, end_row
+                layers, targets, rows, start_layer, end_layer, start_row, end_row, features
             )
             bce_parts.append(bce)
             dice_parts.append(dice)
@@ -259,16 +272,24 @@ class SetCriterion(nn.Module):
         end_layer: int,
         start_row: int,
         end_row: int,
+        features: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         """Per-row BCE and dice, ``[end_row - start_row]`` each, for layers ``[start, end)``."""
-        preds = []
+        key = "pred_masks" if features is None else "mask_embed"
+        picked = []
         row = start_row
         for layer in range(start_layer, end_layer):
             count = rows.layer_counts[layer]
             sl = slice(row, row + count)
-            preds.append(layers[layer]["pred_masks"][rows.batch[sl], rows.query[sl]])
+            picked.append(layers[layer][key][rows.batch[sl], rows.query[sl]])
             row += count
-        pred = torch.cat(preds).float().unsqueeze(1)  # [R, 1, h, w]
+        if features is None:
+            pred = torch.cat(picked).float()  # [R, h, w]
+        else:
+            pred = _masks_from_factors(
+                torch.cat(picked).float(), features, rows.batch_host[start_row:end_row]
+            )
+        pred = pred.unsqueeze(1)  # [R, 1, h, w]
         coords = importance_sample_points(
             pred.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio
         )  # [R, P, 2]
@@ -290,6 +311,23 @@ class SetCriterion(nn.Module):
         denominator = prob.sum(1) + labels.sum(1)
         dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)
         return bce, dice
+
+
+def _masks_from_factors(embed: Tensor, features: Tensor, batch_host: Tensor) -> Tensor:
+    """Mask logits ``[R, h, w]`` of rows with embeddings ``embed`` ``[R, C]`` in images
+    ``batch_host`` ``[R]`` (CPU) from ``features`` ``[B, C, h, w]``.
+
+    One matrix product per image over the rows of all layers, so each backward product has
+    ``R_b`` (tens) rather than a handful of rows: the point of this path.
+    """
+    B, C, h, w = features.shape
+    flat = features.float().reshape(B, C, h * w).unbind(0)
+    order = torch.argsort(batch_host, stable=True)
+    counts = torch.bincount(batch_host, minlength=B).tolist()
+    sorted_embed = embed[order.to(embed.device)].split(counts)
+    parts = [e @ f for e, f, n in zip(sorted_embed, flat, counts) if n]
+    inverse = torch.argsort(order).to(embed.device)
+    return torch.cat(parts)[inverse].view(-1, h, w)
 
 
 def build_criterion(cfg) -> SetCriterion:

@@ -152,53 +152,28 @@ class MLP(nn.Module):
         return x
 
 
-class _MaskLogits(torch.autograd.Function):
-    """``bmm(embed, features)`` whose backward skips the all-zero rows of the gradient.
+def bilinear_downsample(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` of ``[B, C, H, W]``.
 
-    The set criterion reaches only the masks of matched queries (a few percent of the B*Q
-    rows), so most rows of the mask-logit gradient are exactly zero; leaving them out of the
-    two backward matmuls (the largest of the decoder) changes nothing but the rounding.
+    When ``H / h`` and ``W / w`` are integers (the decoder's case: strides 4 -> 8, 16, 32),
+    every output pixel samples the source at ``s * i + (s - 1) / 2``: one source pixel for an
+    odd factor ``s``, the mean of two for an even one. Those strided slices are several times
+    cheaper than ``F.interpolate`` on the CPU; other sizes use ``F.interpolate``.
     """
-
-    @staticmethod
-    def forward(ctx, embed: Tensor, features: Tensor) -> Tensor:
-        ctx.save_for_backward(embed, features)
-        return torch.bmm(embed, features)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        embed, features = ctx.saved_tensors
-        grad = grad.to(embed.dtype)
-        live = grad.abs().amax(-1) != 0  # [B, Q]; NaN rows count as live
-        need_embed, need_features = ctx.needs_input_grad
-        if 2 * int(live.sum()) > live.numel():  # dense gradient (another loss): plain bmm
-            grad_embed = torch.bmm(grad, features.transpose(1, 2)) if need_embed else None
-            grad_features = torch.bmm(embed.transpose(1, 2), grad) if need_features else None
-            return grad_embed, grad_features
-        grad_embed = torch.zeros_like(embed) if need_embed else None
-        grad_features = torch.empty_like(features) if need_features else None
-        for b in range(grad.shape[0]):
-            rows = live[b].nonzero().squeeze(1)
-            g = grad[b, rows]  # [r, N]
-            if need_embed and len(rows):
-                grad_embed[b, rows] = g @ features[b].t()
-            if need_features:
-                torch.mm(embed[b, rows].t(), g, out=grad_features[b])  # zeros if r == 0
-        return grad_embed, grad_features
-
-
-def mask_logits(embed: Tensor, features: Tensor) -> Tensor:
-    """Per-query mask logits ``[B, Q, N]`` from embeddings ``[B, Q, C]`` and features
-    ``[B, C, N]``. On the CPU the backward only multiplies the gradient rows that are not all
-    zero (see :class:`_MaskLogits`); elsewhere a plain ``bmm`` (no host synchronization)."""
-    if (
-        embed.device.type == "cpu"
-        and torch.is_grad_enabled()
-        and (embed.requires_grad or features.requires_grad)
-        and not torch.compiler.is_compiling()
-    ):
-        return _MaskLogits.apply(embed, features)
-    return torch.bmm(embed, features)
+    H, W = x.shape[-2:]
+    h, w = size
+    if H % h or W % w:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    sy, sx = H // h, W // w
+    if sy % 2:
+        x = x[..., (sy - 1) // 2 :: sy, :]
+    else:
+        x = (x[..., sy // 2 - 1 :: sy, :] + x[..., sy // 2 :: sy, :]) * 0.5
+    if sx % 2:
+        x = x[..., (sx - 1) // 2 :: sx]
+    else:
+        x = (x[..., sx // 2 - 1 :: sx] + x[..., sx // 2 :: sx]) * 0.5
+    return x
 
 
 class MultiScaleMaskedTransformerDecoder(nn.Module):
@@ -271,8 +246,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             mask_features: ``[B, mask_dim, H, W]`` per-pixel embeddings.
 
         Returns:
-            ``{"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H, W], "aux_outputs": [...]}``,
-            ``aux_outputs`` holding the ``dec_layers`` earlier predictions, first to last.
+            ``{"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H, W], "mask_embed":
+            [B, Q, mask_dim], "mask_features", "aux_outputs": [...]}``, ``aux_outputs``
+            holding the ``dec_layers`` earlier predictions (``pred_logits``, ``pred_masks``,
+            ``mask_embed``), first to last. ``pred_masks`` is ``mask_embed @ mask_features``;
+            the criterion uses the two factors to compute only the masks it needs.
         """
         if len(x) != self.num_feature_levels:
             raise ValueError(f"expected {self.num_feature_levels} feature maps, got {len(x)}")
@@ -287,12 +265,18 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(0).expand(B, -1, -1)
         output = self.query_feat.weight.unsqueeze(0).expand(B, -1, -1)
 
-        predictions_class, predictions_mask = [], []
-        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
-            output, mask_features, sizes[0]
+        # Attention masks only need the previous masks at the next level's size; as bilinear
+        # resizing is linear, resizing the mask features once per size and multiplying at low
+        # resolution equals resizing every layer's full-resolution masks.
+        with torch.no_grad():
+            attn_features = {
+                size: bilinear_downsample(mask_features, size).flatten(2) for size in set(sizes)
+            }
+        predictions = []
+        prediction, attn_mask = self.forward_prediction_heads(
+            output, mask_features, attn_features[sizes[0]]
         )
-        predictions_class.append(outputs_class)
-        predictions_mask.append(outputs_mask)
+        predictions.append(prediction)
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
             output = self.transformer_cross_attention_layers[i](
@@ -301,43 +285,45 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             output = self.transformer_self_attention_layers[i](output, query_pos)
             output = self.transformer_ffn_layers[i](output)
             last = i == self.num_layers - 1
-            target = None if last else sizes[(i + 1) % self.num_feature_levels]
-            outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
-                output, mask_features, target
-            )
-            predictions_class.append(outputs_class)
-            predictions_mask.append(outputs_mask)
-        return {
-            "pred_logits": predictions_class[-1],
-            "pred_masks": predictions_mask[-1],
-            "aux_outputs": [
-                {"pred_logits": c, "pred_masks": m}
-                for c, m in zip(predictions_class[:-1], predictions_mask[:-1])
-            ],
-        }
+            target = None if last else attn_features[sizes[(i + 1) % self.num_feature_levels]]
+            prediction, attn_mask = self.forward_prediction_heads(output, mask_features, target)
+            predictions.append(prediction)
+        return {**predictions[-1], "mask_features": mask_features, "aux_outputs": predictions[:-1]}
 
     def forward_prediction_heads(
-        self, output: Tensor, mask_features: Tensor, attn_mask_target_size: tuple[int, int] | None
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Class logits ``[B, Q, K+1]``, mask logits ``[B, Q, H, W]`` and the attention mask of
-        the next layer (bool ``[B, 1, Q, h*w]``, True = may attend; None if no size given)."""
+        self, output: Tensor, mask_features: Tensor, attn_features: Tensor | None = None
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Predictions of one layer and the attention mask of the next.
+
+        Args:
+            output: ``[B, Q, hidden_dim]`` query features.
+            mask_features: ``[B, mask_dim, H, W]``.
+            attn_features: ``[B, mask_dim, h*w]``, the mask features resized to the next
+                layer's feature level (see :func:`bilinear_downsample`), or None for no mask.
+
+        Returns:
+            ``{"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H, W], "mask_embed":
+            [B, Q, mask_dim]}`` (``pred_masks = mask_embed @ mask_features``) and the attention
+            mask (bool ``[B, 1, Q, h*w]``, True = may attend) or None.
+        """
         decoder_output = self.decoder_norm(output)
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
         B, C, H, W = mask_features.shape
-        outputs_mask = mask_logits(
-            mask_embed, mask_features.reshape(B, C, H * W).to(mask_embed.dtype)
-        )
-        outputs_mask = outputs_mask.view(B, -1, H, W)
-        if attn_mask_target_size is None:
-            return outputs_class, outputs_mask, None
+        features = mask_features.reshape(B, C, H * W).to(mask_embed.dtype)
+        outputs_mask = torch.bmm(mask_embed, features).view(B, -1, H, W)
+        prediction = {
+            "pred_logits": outputs_class,
+            "pred_masks": outputs_mask,
+            "mask_embed": mask_embed,
+        }
+        if attn_features is None:
+            return prediction, None
         with torch.no_grad():
-            # masked where the (resized) previous prediction is background; same mask for all heads
-            resized = F.interpolate(
-                outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False
-            )
-            masked = resized.flatten(2).sigmoid() < 0.5
+            # masked where the (resized) prediction is background; same mask for all heads
+            resized = torch.bmm(mask_embed, attn_features.to(mask_embed.dtype))
+            masked = resized.sigmoid() < 0.5
             # a query that would see nothing sees everything instead
             masked &= ~masked.all(dim=-1, keepdim=True)
             attn_mask = (~masked).unsqueeze(1)
-        return outputs_class, outputs_mask, attn_mask
+        return prediction, attn_mask

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gdseg.modeling.criterion as criterion_module
 import gdseg.modeling.point_sampling as point_sampling
 from gdseg.modeling.criterion import SetCriterion, average_num_masks, build_criterion
 from gdseg.modeling.matcher import HungarianMatcher
@@ -273,6 +274,57 @@ def test_chunked_layers_equal_one_chunk(monkeypatch):
     chunked = _criterion(3, max_candidates_per_chunk=192 * 6)(outputs, targets)  # ~1 layer each
     for key in one:
         torch.testing.assert_close(one[key], chunked[key])
+
+
+def _factored_outputs(batch, queries, classes, dim, h, w, layers):
+    """Predictions with ``pred_masks = mask_embed @ mask_features``, as Mask2Former returns."""
+    features = torch.randn(batch, dim, h, w, requires_grad=True)
+    embeds = [torch.randn(batch, queries, dim, requires_grad=True) for _ in range(layers)]
+    logits = [torch.randn(batch, queries, classes + 1, requires_grad=True) for _ in range(layers)]
+    preds = [
+        {
+            "pred_logits": lg,
+            "pred_masks": torch.einsum("bqc,bchw->bqhw", e, features),
+            "mask_embed": e,
+        }
+        for lg, e in zip(logits, embeds)
+    ]
+    leaves = [features, *embeds, *logits]
+    return {**preds[-1], "mask_features": features, "aux_outputs": preds[:-1]}, leaves
+
+
+@pytest.mark.parametrize("sizes", [[2, 3], [0, 3], [0, 0]])
+def test_masks_from_factors_equal_masks_from_pred_masks(sizes, monkeypatch):
+    """The factored path (matched masks recomputed from embeddings and mask features) gives
+    the losses and gradients of the path through the full ``pred_masks``."""
+    calls = []
+    factored_fn = criterion_module._masks_from_factors
+    monkeypatch.setattr(
+        criterion_module, "_masks_from_factors", lambda *a: calls.append(1) or factored_fn(*a)
+    )
+    torch.manual_seed(0)
+    outputs, leaves = _factored_outputs(2, 6, 3, 4, 8, 8, layers=3)
+    plain = {
+        **{k: v for k, v in outputs.items() if k not in ("mask_embed", "mask_features")},
+        "aux_outputs": [{k: v for k, v in o.items() if k != "mask_embed"} for o in outputs["aux_outputs"]],
+    }  # fmt: skip
+    targets = _blob_targets(sizes, 3, 32, 32)
+    criterion = _criterion(3)
+    results = []
+    for out in (outputs, plain):
+        torch.manual_seed(1)
+        losses = criterion(out, targets)
+        grads = torch.autograd.grad(sum(losses.values()), leaves, allow_unused=True)
+        results.append((losses, grads))
+    (factored, g1), (ref, g2) = results
+    assert len(calls) == (1 if sum(sizes) else 0)  # only the first run took the factored path
+    assert factored.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(factored[key], ref[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g2):
+        b = torch.zeros_like(a) if b is None else b
+        a = torch.zeros_like(b) if a is None else a
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_float32_under_autocast():

@@ -3,7 +3,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gdseg.modeling.transformer_decoder import Attention, MultiScaleMaskedTransformerDecoder
+from gdseg.modeling.transformer_decoder import (
+    Attention,
+    MultiScaleMaskedTransformerDecoder,
+    bilinear_downsample,
+)
 
 SIZES = [(2, 3), (4, 6), (8, 12)]
 
@@ -135,7 +139,8 @@ def test_attention_mask_unmasks_fully_masked_queries():
         mask_features.zero_()
         mask_features[:, :8, :, :2] = 1.0  # left half: logit -8 (background)
         mask_features[:, 8:, :, 2:] = 1.0  # right half: logit 8 (foreground)
-    _, masks, allowed = dec.forward_prediction_heads(output, mask_features, (4, 4))
+    pred, allowed = dec.forward_prediction_heads(output, mask_features, mask_features.flatten(2))
+    masks = pred["pred_masks"]
     assert allowed.shape == (2, 1, 7, 16) and allowed.dtype == torch.bool
     assert not allowed.requires_grad
     assert 0 < allowed.sum() < allowed.numel()
@@ -144,8 +149,38 @@ def test_attention_mask_unmasks_fully_masked_queries():
     with torch.no_grad():
         mask_features.zero_()
         mask_features[:, :8] = 1.0  # logit -8 everywhere: every query would see nothing
-    _, _, allowed = dec.forward_prediction_heads(output, mask_features, (4, 4))
+    _, allowed = dec.forward_prediction_heads(output, mask_features, mask_features.flatten(2))
     assert allowed.all()
+
+
+@pytest.mark.parametrize(
+    "size,target", [((96, 64), (48, 32)), ((96, 64), (24, 16)), ((96, 64), (12, 8)),
+                    ((15, 12), (5, 4)), ((16, 24), (16, 24)), ((10, 10), (4, 3))],
+)  # fmt: skip
+def test_bilinear_downsample_equals_interpolate(size, target):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, *size)
+    expected = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(bilinear_downsample(x, target), expected, rtol=0, atol=1e-5)
+
+
+def test_low_resolution_attention_mask_equals_resized_full_masks():
+    """Masks multiplied at low resolution give the attention mask of the published
+    formulation: full-resolution masks, bilinearly resized, thresholded at 0.5."""
+    torch.manual_seed(0)
+    dec = _decoder()
+    output, mask_features = torch.randn(2, 7, 32), torch.randn(2, 16, 16, 24)
+    for size in SIZES:
+        with torch.no_grad():
+            low = bilinear_downsample(mask_features, size).flatten(2)
+            pred, allowed = dec.forward_prediction_heads(output, mask_features, low)
+            resized = F.interpolate(pred["pred_masks"], size, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(
+            torch.bmm(pred["mask_embed"], low), resized.flatten(2), rtol=0, atol=1e-5
+        )
+        expected = resized.flatten(2).sigmoid() >= 0.5
+        expected |= ~expected.any(-1, keepdim=True)  # a query that would see nothing sees all
+        assert torch.equal(allowed, expected.unsqueeze(1))
 
 
 def test_options():
