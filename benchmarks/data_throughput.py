@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -30,12 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import load, machine, write_section
+
 from gdseg.config import get_cfg
 from gdseg.data.coco import load_coco_instances
 from gdseg.data.loader import build_train_loader, build_unlabeled_loader
 from gdseg.data.synthetic import make_synthetic_coco
-
-BEGIN, END = "<!-- data_throughput:begin -->", "<!-- data_throughput:end -->"
 
 
 def _records(args: argparse.Namespace, tmp: str) -> tuple[list[dict], str]:
@@ -66,28 +64,10 @@ def _measure(loader, num_batches: int, batch_size: int) -> tuple[float, float]:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = re.findall(r"model name\s*:\s*(.+)", f.read())
-        cpu = names[0].strip() if names else cpu
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     return (
-        f"{cpu}, {os.cpu_count()} logical CPUs (load average {load} at the end), "
+        f"{machine()} (load average {load()} at the end), "
         f"Python {platform.python_version()}, torch {torch.__version__}"
     )
-
-
-def _write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -141,7 +121,7 @@ how busy the machine is). CPU ms/image: CPU time the training process itself spe
 |---|---|---|---|
 {table}
 """
-    _write_section(Path(args.output), section)
+    write_section("data_throughput", section, args.output)
     print(f"wrote {args.output}")
 
 

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import platform
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -30,24 +29,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import load, machine, write_section
+
 from gdseg.demo import DEFAULT_CONFIG, final_metrics, run_demo, train_stage
 
-BEGIN, END = "<!-- semisup_gain:begin -->", "<!-- semisup_gain:end -->"
 REQUIRED_GAIN = 3.0
 logger = logging.getLogger("semisup_gain")
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = re.findall(r"model name\s*:\s*(.+)", f.read())
-        cpu = names[0].strip() if names else cpu
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     return (
-        f"{cpu}, {os.cpu_count()} logical CPUs (load average {load} at the end), "
+        f"{machine()} (load average {load()} at the end), "
         f"{torch.get_num_threads()} torch thread(s), Python {platform.python_version()}, "
         f"torch {torch.__version__}"
     )
@@ -169,17 +161,6 @@ same model and iterations trained supervised on every label (upper bound).
 """
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the text between the markers, keeping the rest of the file."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -205,7 +186,7 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(runs, indent=2))
     section = _section(args, runs)
-    write_section(Path(args.output), section)
+    write_section("semisup_gain", section, args.output)
     print(section)
     print(f"wrote {args.output}")
 

@@ -36,8 +36,9 @@ import sys
 import time
 from pathlib import Path
 
+from _common import load, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- user_data:begin -->", "<!-- user_data:end -->"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 
 
@@ -175,10 +176,6 @@ def _env(threads: int) -> dict:
     return env
 
 
-def _load() -> str:
-    return ", ".join(f"{v:.1f}" for v in os.getloadavg())
-
-
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,14 +184,14 @@ def run(args: argparse.Namespace) -> dict:
     with open(out / "commands.sh", "w") as f:
         f.write(f"export OMP_NUM_THREADS={args.threads}\n")
         f.writelines(shlex.join(cmd) + "\n" for _, cmd in stages)
-    timings, load_before = {}, _load()
+    timings, load_before = {}, load()
     for name, cmd in stages:
         print(f"== {name}: {shlex.join(cmd)}", flush=True)
         start = time.perf_counter()
         with open(out / f"{name}.log", "w") as log:
             proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
         timings[name] = round(time.perf_counter() - start, 1)
-        print(f"   {timings[name]:.1f} s (load average {_load()})", flush=True)
+        print(f"   {timings[name]:.1f} s (load average {load()})", flush=True)
         if proc.returncode != 0:
             raise SystemExit(f"stage {name} failed; see {out / (name + '.log')}")
     summary = {
@@ -202,7 +199,7 @@ def run(args: argparse.Namespace) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
         "python": platform.python_version(),
         "load_average_before": load_before,
-        "load_average_after": _load(),
+        "load_average_after": load(),
         "settings": vars(args),
         "seconds": {**timings, "total": round(sum(timings.values()), 1)},
         "supervised_teacher": _metrics(out / "teacher").get("student"),
@@ -286,17 +283,6 @@ export OMP_NUM_THREADS={a["threads"]}
 """
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the text between the markers, keeping the rest of the file."""
-    content = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in content and END in content:
-        content = content[: content.index(BEGIN)] + block + content[content.index(END) + len(END) :]
-    else:
-        content = content.rstrip() + "\n\n" + block + "\n"
-    path.write_text(content)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--coco-root", default="/work/shared/data/tiny_coco")
@@ -335,7 +321,7 @@ def main() -> None:
     text = section(summary, args.note)
     print(text)
     if args.write or args.summary:
-        write_section(Path(args.output), text)
+        write_section("user_data", text, args.output)
         print(f"wrote {args.output}")
 
 
