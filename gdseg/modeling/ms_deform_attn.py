@@ -358,13 +358,10 @@ class MSDeformAttn(nn.Module):
         )
         impl = _resolve_impl(self.impl, value.device)
         if impl == "gather":
-            # offsets are in pixels: skip the normalize / de-normalize round trip. The
-            # reference points are expanded to the offsets' flat layout first: a broadcast
-            # add over [.., H, L, P, 2] with strided inner dims is slower than the copy.
-            ref_pixels = reference_points.float() * size - 0.5  # [B|1, Lq, L, 2]
-            ref_flat = ref_pixels[:, :, None, :, None, :].expand(-1, -1, H, -1, P, -1)
-            pixels = offsets.view(B, Lq, -1) + ref_flat.reshape(ref_pixels.shape[0], Lq, -1)
-            out = _gather_pixels(value, spatial_shapes, pixels.view(B, Lq, H, L, P, 2), weights)
+            # offsets are in pixels: skip the normalize / de-normalize round trip
+            ref_pixels = reference_points.float() * size - 0.5
+            pixels = ref_pixels[:, :, None, :, None, :] + offsets
+            out = _gather_pixels(value, spatial_shapes, pixels, weights)
         else:
             locations = (
                 reference_points.float()[:, :, None, :, None, :]
