@@ -24,6 +24,16 @@ def cpu_name() -> str:
     return names[0].strip() if names else platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str]:
+    """Instruction-set flags of the first CPU in ``/proc/cpuinfo`` (empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            found = re.search(r"^flags\s*:\s*(.+)$", f.read(), re.MULTILINE)
+    except OSError:
+        return set()
+    return set(found.group(1).split()) if found else set()
+
+
 def machine() -> str:
     """``"<CPU model>, <n> logical CPUs"``."""
     return f"{cpu_name()}, {os.cpu_count()} logical CPUs"

@@ -7,8 +7,8 @@ the whole model's norm, as published, on both sides). Both models start from ran
 nothing is downloaded. transformers' model is built from
 ``Mask2FormerConfig(backbone_config=ResNetConfig(R-50), num_labels=80, use_timm_backbone=False)``.
 
-Rows (timings are wall clock, ``torch.set_num_threads(2)``; A and B alternate in one process,
-the order flipping every pair, and the ratio is the median of the per-pair ratios):
+Rows (timings are wall clock with ``--threads`` torch threads, default 2; A and B alternate in
+one process, the order flipping every pair, and the ratio is the median of the per-pair ratios):
 
 - ``train``: gdseg's real ``Trainer.run_step`` (supervised) vs transformers' forward with labels
   + backward + clipping + AdamW step.
@@ -36,9 +36,7 @@ import datetime
 import gc
 import itertools
 import json
-import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -50,6 +48,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import cpu_flags, load, machine, write_section  # noqa: E402
+
 from gdseg.config import get_cfg  # noqa: E402
 from gdseg.engine.amp import resolve_precision  # noqa: E402
 from gdseg.engine.optim import build_optimizer  # noqa: E402
@@ -58,7 +58,6 @@ from gdseg.modeling import build_criterion, build_model  # noqa: E402
 from gdseg.modeling.preprocess import batch_images  # noqa: E402
 from gdseg.semisup.ema import ema_update  # noqa: E402
 
-BEGIN, END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
 CONFIG = ROOT / "gdseg/configs/coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml"
 CLIP = ("full_model", 0.01, 2.0)  # published SOLVER.CLIP_GRADIENTS
 
@@ -462,53 +461,69 @@ def _hf_pixel_decoder(plm):
 
 
 # -- report --------------------------------------------------------------------------------
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = re.findall(r"model name\s*:\s*(.+)", f.read())
-        cpu = names[0].strip() if names else cpu
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs"
-
-
-def load() -> str:
-    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+ROW_NAMES = {
+    "train": ("gdseg train step", "transformers train step"),
+    "infer": ("gdseg forward", "transformers forward"),
+    "gd": ("gdseg GD iteration", "gdseg supervised step"),
+    "bf16": ("gdseg step, bf16 autocast", "gdseg step fp32"),
+    "channels_last": ("gdseg step, channels-last", "gdseg step fp32"),
+    "compile": ("gdseg step, torch.compile", "gdseg step fp32"),
+}
+TARGETS = {"train": 0.6, "infer": 0.7, "gd": 2.4}  # issue 6 acceptance (A/B at most)
 
 
 def render(args, results: dict, loads: dict) -> str:
+    """The BENCHMARKS.md section: header, ratio table, memory, breakdown."""
     import transformers
 
     lines = [
-        BEGIN,
         "## Training step, inference, guided distillation (`benchmarks/train_step.py`)",
         "",
         f"{datetime.date.today()}, {machine()}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-        f"Python {platform.python_version()}.",
+        f"({torch.get_num_threads()} thread(s)), transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}. Load average (1/5/15 min) before the run: "
+        f"{loads['start']}.",
         f"Work: ResNet-50 Mask2Former, published COCO settings, 80 classes, fp32, batch "
         f"{args.batch} at {args.size}x{args.size}, {args.instances} instances/image, AdamW + "
         f"clipping; inference: 1 image at {args.infer_size}x{args.infer_size}, eval, no_grad. "
         f"Random weights. A/B alternate in one process ({args.pairs} pairs after 1 warm-up "
         "pair, order flipping); A s / B s = median wall seconds, A/B = median of the per-pair "
-        "wall-time ratios; CPU A/B = the same from process CPU time (less disturbed by other "
-        "processes, but it counts threads spinning at OpenMP barriers). Load average (1/5/15 "
-        "min) when the row finished: with other processes on the machine, absolute times are "
-        "inflated and ratios noisy.",
-        "",
+        "wall-time ratios; CPU A/B = the same from process CPU time. Load = load average when "
+        "the row finished: with other processes on the machine, absolute times are inflated "
+        "and ratios noisier (both sides of a pair share the same conditions). Targets "
+        "(issue 6): " + ", ".join(f"{k} <= {v}" for k, v in TARGETS.items()) + ".",
+    ]
+    if args.note:
+        lines += ["", args.note]
+    lines += ["", *_ratio_table(results, loads)]
+    if "bf16" in results:
+        flags = cpu_flags()
+        has = "avx512_bf16" in flags or "amx_bf16" in flags
+        lines += [
+            "",
+            "bf16: this CPU "
+            + (
+                "has native bf16 instructions (AVX-512 BF16 / AMX)."
+                if has
+                else "has no native bf16 instructions (no AVX-512 BF16 or AMX; "
+                f"{'AVX-512' if 'avx512f' in flags else 'AVX2 only'}), so bf16 autocast "
+                "converts and computes in emulation and is slower than fp32 here; it is an "
+                "opt-in for CPUs and GPUs that have bf16 units."
+            ),
+        ]
+    if "memory" in results:
+        lines += ["", *_memory_table(results["memory"])]
+    if "breakdown" in results and "error" not in results["breakdown"]:
+        lines += ["", *_breakdown_table(args, results["breakdown"])]
+    return "\n".join(lines)
+
+
+def _ratio_table(results: dict, loads: dict) -> list[str]:
+    lines = [
         "| row | A | B | A s | B s | A/B | per-pair A/B | CPU A/B | load |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    names = {
-        "train": ("gdseg train step", "transformers train step"),
-        "infer": ("gdseg forward", "transformers forward"),
-        "gd": ("gdseg GD iteration", "gdseg supervised step"),
-        "bf16": ("gdseg step, bf16 autocast", "gdseg step fp32"),
-        "channels_last": ("gdseg step, channels-last", "gdseg step fp32"),
-        "compile": ("gdseg step, torch.compile", "gdseg step fp32"),
-    }
-    for key, (a, b) in names.items():
+    for key, (a, b) in ROW_NAMES.items():
         if key not in results:
             continue
         r = results[key]
@@ -525,60 +540,51 @@ def render(args, results: dict, loads: dict) -> str:
             f"| {key} | {a}{note} | {b} | {r['a']:.2f} | {r['b']:.2f} | **{r['ratio']:.2f}** "
             f"| {per} | {r['cpu_ratio']:.2f} | {loads[key]} |"
         )
-    if "memory" in results:
-        m = results["memory"]
-        lines += [
-            "",
-            "Peak memory: one fresh process per case; `VmHWM` (peak resident set) after two "
-            "steps, and its growth over the process once models and data are built (activations,"
-            " gradients, optimizer state, allocator caches).",
-            "",
-            "| case | peak RSS MiB | growth MiB |",
-            "|---|---|---|",
-        ]
-        labels = {
-            "gdseg_train": "gdseg train step",
-            "hf_train": "transformers train step",
-            "gdseg_gd": "gdseg GD iteration (student + teacher)",
-            "gdseg_infer": "gdseg forward",
-            "hf_infer": "transformers forward",
-        }
-        for case, v in m.items():
-            lines.append(
-                f"| {labels[case]} | {v['peak_mb']:.0f} | {v['peak_mb'] - v['base_mb']:.0f} |"
-            )
-    if "breakdown" in results:
-        bd = results["breakdown"]
-        lines += [
-            "",
-            f"Breakdown of one training step: {args.breakdown_clock} seconds, "
-            f"{args.breakdown_threads} thread(s), {args.breakdown_stat} of {args.pairs} steps. The step runs stage by stage, cut apart by "
-            "`detach`, and backward stage by stage (same work as one fused backward); "
-            "transformers' class head counts as criterion.",
-            "",
-            "| part | gdseg | transformers |",
-            "|---|---|---|",
-        ]
-        for part in bd["gdseg"]:
-            lines.append(
-                f"| {part} | {bd['gdseg'][part]:.3f} | "
-                f"{bd['transformers'].get(part, float('nan')):.3f} |"
-            )
+    return lines
+
+
+def _memory_table(m: dict) -> list[str]:
+    if "error" in m:
+        return [f"Peak memory: failed: {m['error']}"]
+    lines = [
+        "Peak memory: one fresh process per case; `VmHWM` (peak resident set) after two "
+        "steps, and its growth over the process once models and data are built (activations,"
+        " gradients, optimizer state, allocator caches).",
+        "",
+        "| case | peak RSS MiB | growth MiB |",
+        "|---|---|---|",
+    ]
+    labels = {
+        "gdseg_train": "gdseg train step",
+        "hf_train": "transformers train step",
+        "gdseg_gd": "gdseg GD iteration (student + teacher)",
+        "gdseg_infer": "gdseg forward",
+        "hf_infer": "transformers forward",
+    }
+    for case, v in m.items():
+        lines.append(f"| {labels[case]} | {v['peak_mb']:.0f} | {v['peak_mb'] - v['base_mb']:.0f} |")
+    return lines
+
+
+def _breakdown_table(args, bd: dict) -> list[str]:
+    lines = [
+        f"Breakdown of one training step: {args.breakdown_clock} seconds, "
+        f"{args.breakdown_threads} thread(s), {args.breakdown_stat} of {args.pairs} steps. The "
+        "step runs stage by stage, cut apart by `detach`, and backward stage by stage (same "
+        "work as one fused backward); transformers' class head counts as criterion.",
+        "",
+        "| part | gdseg | transformers |",
+        "|---|---|---|",
+    ]
+    for part in bd["gdseg"]:
         lines.append(
-            f"| total | {sum(bd['gdseg'].values()):.3f} | {sum(bd['transformers'].values()):.3f} |"
+            f"| {part} | {bd['gdseg'][part]:.3f} | "
+            f"{bd['transformers'].get(part, float('nan')):.3f} |"
         )
-    lines.append(END)
-    return "\n".join(lines)
-
-
-def write(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
+    lines.append(
+        f"| total | {sum(bd['gdseg'].values()):.3f} | {sum(bd['transformers'].values()):.3f} |"
+    )
+    return lines
 
 
 def main() -> None:
@@ -608,6 +614,7 @@ def main() -> None:
         default=1,
         help="threads for the breakdown (1: CPU time is then close to the work done)",
     )
+    p.add_argument("--note", default="", help="a paragraph added to the section (e.g. load)")
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -625,7 +632,7 @@ def main() -> None:
         "channels_last": lambda a: row_variant(a, "channels_last"),
         "compile": lambda a: row_variant(a, "compile"),
     }
-    results, loads = {}, {}
+    results, loads = {}, {"start": load()}
     for row in args.rows:
         start = time.perf_counter()
         try:
@@ -645,7 +652,7 @@ def main() -> None:
     text = render(args, results, loads)
     print(text)
     if args.write:
-        write(text)
+        write_section("train_step", text)
 
 
 if __name__ == "__main__":
