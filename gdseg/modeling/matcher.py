@@ -127,9 +127,12 @@ class HungarianMatcher(nn.Module):
                 # embedding_bag over a [h*w, Q] table is a fused gather-and-weight in which
                 # each point reads 4 contiguous rows of Q logits (faster than grid_sample).
                 index, weight = bilinear_weights(coords, height, width)
+                # one [h*w, Q] buffer for every layer: a fresh one per layer costs more than
+                # the transposing copy itself on the CPU (first-touch page faults)
+                table = torch.empty(height * width, first.shape[1], device=device)
                 layer_costs = []
                 for outputs, prob in zip(layer_outputs, probs):
-                    table = outputs["pred_masks"][b].float().flatten(1).t().contiguous()
+                    table.copy_(outputs["pred_masks"][b].flatten(1).t())
                     pred = F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
                     cost_bce, cost_dice = pairwise_mask_costs(pred, target)  # [Q, N]
                     layer_costs.append(
