@@ -14,8 +14,9 @@ one process, the order flipping every pair, and the ratio is the median of the p
   + backward + clipping + AdamW step.
 - ``infer``: one 512x512 image, eval mode, ``no_grad``, the full network output.
 - ``gd``: one guided-distillation iteration with the real ``Trainer.run_step`` (teacher forward
-  on the weak views, pseudo-labels, the student on labeled + strong views, one backward, one
-  step) plus the EMA teacher update of the hook, vs gdseg's supervised step on the same batch.
+  on the weak views, pseudo-labels, the student on labeled + strong views -- two passes on the
+  CPU, the trainer's default there --, one backward, one step) plus the EMA teacher update of
+  the hook, vs gdseg's supervised step on the same batch.
   The random teacher's class threshold is set so that about 5 pseudo-labels per image pass.
 - ``memory``: peak resident memory of each of the above, one fresh subprocess per case
   (``VmHWM`` after two steps; growth = that minus ``VmRSS`` once the models and data are
@@ -139,7 +140,8 @@ def hf_step_fn(model, labeled):
     images = normalized([d["image"] for d in labeled])
     masks = [d["instances"]["masks"].float() for d in labeled]
     labels = [d["instances"]["labels"] for d in labeled]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    # fused, as transformers' Trainer defaults to ("adamw_torch_fused") and as gdseg uses
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     model.train()
 
     def step():
@@ -418,7 +420,7 @@ def row_breakdown(args) -> dict:
     ]
     hf = hf_model().train()
     plm, tm = hf.model.pixel_level_module, hf.model.transformer_module
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
     masks = [d["instances"]["masks"].float() for d in labeled]
     labels = [d["instances"]["labels"] for d in labeled]
 
@@ -484,7 +486,7 @@ def render(args, results: dict, loads: dict) -> str:
         f"Python {platform.python_version()}. Load average (1/5/15 min) before the run: "
         f"{loads['start']}.",
         f"Work: ResNet-50 Mask2Former, published COCO settings, 80 classes, fp32, batch "
-        f"{args.batch} at {args.size}x{args.size}, {args.instances} instances/image, AdamW + "
+        f"{args.batch} at {args.size}x{args.size}, {args.instances} instances/image, fused AdamW + "
         f"clipping; inference: 1 image at {args.infer_size}x{args.infer_size}, eval, no_grad. "
         f"Random weights. A/B alternate in one process ({args.pairs} pairs after 1 warm-up "
         "pair, order flipping); A s / B s = median wall seconds, A/B = median of the per-pair "
