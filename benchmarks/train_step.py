@@ -27,7 +27,8 @@ one process, the order flipping every pair, and the ratio is the median of the p
   criterion) of both models, timed by module and tensor hooks inside real steps.
 
     python benchmarks/train_step.py [--rows train infer gd memory bf16 channels_last compile
-        breakdown] [--pairs 5] [--write]
+        breakdown] [--pairs 5] [--threads 2] [--note TEXT] [--save run.json] [--write]
+    python benchmarks/train_step.py --render run.json [--note TEXT] [--write]
 """
 
 from __future__ import annotations
@@ -474,15 +475,15 @@ ROW_NAMES = {
 TARGETS = {"train": 0.6, "infer": 0.7, "gd": 2.4}  # issue 6 acceptance (A/B at most)
 
 
-def render(args, results: dict, loads: dict) -> str:
+def render(args, results: dict, loads: dict, date: str) -> str:
     """The BENCHMARKS.md section: header, ratio table, memory, breakdown."""
     import transformers
 
     lines = [
         "## Training step, inference, guided distillation (`benchmarks/train_step.py`)",
         "",
-        f"{datetime.date.today()}, {machine()}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} thread(s)), transformers {transformers.__version__}, "
+        f"{date}, {machine()}, torch {torch.__version__} "
+        f"({args.threads} thread(s)), transformers {transformers.__version__}, "
         f"Python {platform.python_version()}. Load average (1/5/15 min) before the run: "
         f"{loads['start']}.",
         f"Work: ResNet-50 Mask2Former, published COCO settings, 80 classes, fp32, batch "
@@ -618,11 +619,20 @@ def main() -> None:
     )
     p.add_argument("--note", default="", help="a paragraph added to the section (e.g. load)")
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    p.add_argument("--save", default="", help="also keep the results in this json (per row)")
+    p.add_argument(
+        "--render", default="", help="no run: render (and --write) the results of a --save json"
+    )
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args)
+        return
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        options = {**saved["args"], "note": args.note or saved["args"]["note"], "write": args.write}
+        _report(argparse.Namespace(**options), saved["results"], saved["loads"], saved["date"])
         return
     fns = {
         "train": row_train,
@@ -651,7 +661,14 @@ def main() -> None:
         if row == "breakdown" and "error" not in results[row]:
             for k, v in results[row].items():
                 print(f"  {k}: " + ", ".join(f"{n} {t:.3f}" for n, t in v.items()), flush=True)
-    text = render(args, results, loads)
+        if args.save:
+            saved = {"args": vars(args), "results": results, "loads": loads}
+            Path(args.save).write_text(json.dumps({**saved, "date": str(datetime.date.today())}))
+    _report(args, results, loads, str(datetime.date.today()))
+
+
+def _report(args, results: dict, loads: dict, date: str) -> None:
+    text = render(args, results, loads, date)
     print(text)
     if args.write:
         write_section("train_step", text)
