@@ -259,6 +259,11 @@ _C.SOLVER.LOG_PERIOD = Key(20, "Iterations per logging window (metrics.jsonl, co
 # ---------------------------------------------------------------------------------------------
 _C.TEST = CN()
 _C.TEST.EVAL_PERIOD = Key(0, "Evaluate every N iterations during training (0 = only at the end).")
+_C.TEST.IMS_PER_BATCH = Key(
+    1,
+    "Images per inference batch and process (1 as detectron2; a batch pads its images to the "
+    "largest, so only same-size images give exactly the batch-1 predictions).",
+)
 _C.TEST.DETECTIONS_PER_IMAGE = Key(100, "Detections kept per image (top-k over queries x classes).")
 _C.TEST.SCORE_THRESH = Key(0.0, "Drop detections scoring below this (evaluation keeps 0).")
 _C.TEST.EVALUATOR = Key("auto", "auto (from the dataset), coco or cityscapes.")

@@ -364,11 +364,15 @@ def build_test_loader(
     rank: int | None = None,
     world_size: int | None = None,
 ) -> DataLoader:
-    """Finite, ordered inference loader, batch 1; process ``rank`` gets a contiguous shard."""
+    """Finite, ordered inference loader of ``TEST.IMS_PER_BATCH`` images per batch; process
+    ``rank`` gets a contiguous shard."""
+    batch_size = int(cfg.TEST.IMS_PER_BATCH)
+    if batch_size < 1:
+        raise ValueError(f"TEST.IMS_PER_BATCH must be >= 1, got {batch_size}")
     sampler = InferenceSampler(len(records), rank, world_size)
     return DataLoader(
         MappedDataset(records, build_test_mapper(cfg)),
-        batch_size=1,
+        batch_size=batch_size,
         sampler=sampler,
         num_workers=int(cfg.DATALOADER.NUM_WORKERS),
         collate_fn=trivial_batch_collator,

@@ -56,9 +56,15 @@ def seeded_rng(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    # Only the CPU generator: torch.manual_seed would also queue seeding of every lazily
+    # initialized accelerator backend, costing more than the augmentations of a small image.
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
         yield
+    finally:
+        generator.set_state(state)
 
 
 def _uniform(low: float, high: float) -> float:

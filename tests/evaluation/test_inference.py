@@ -178,3 +178,39 @@ def test_tiny_real_model_end_to_end(tmp_path):
     assert set(metrics["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert 0.0 <= metrics["segm"]["AP"] <= 100.0
     assert (out / "metrics.json").exists() and (out / "coco_instances_results.json").exists()
+
+
+def test_batched_test_loader_gives_the_batch_1_predictions(tmp_path):
+    """TEST.IMS_PER_BATCH > 1 (same-size images): the predictions of batch 1, in order."""
+    from gdseg.config import get_cfg
+    from gdseg.data.loader import build_test_loader
+    from gdseg.model_zoo import get_config_file
+    from gdseg.modeling import build_model
+
+    torch.manual_seed(0)
+    cfg = get_cfg()
+    cfg.merge_from_file(get_config_file("demo/tiny_instant.yaml"))
+    model = build_model(cfg)
+    records, _ = _dataset(tmp_path, n=5)
+    kw = {**KW, "num_detections": 10}
+    cfg.TEST.IMS_PER_BATCH = 1
+    single = inference_on_dataset(model, build_test_loader(cfg, records), **kw)
+    cfg.TEST.IMS_PER_BATCH = 3
+    loader = build_test_loader(cfg, records)
+    assert [len(b) for b in loader] == [3, 2]
+    batched = inference_on_dataset(model, loader, **kw)
+    assert [p["image_id"] for p in batched] == [r["image_id"] for r in records]
+    for a, b in zip(single, batched):
+        assert torch.equal(torch.as_tensor(a["labels"]), torch.as_tensor(b["labels"]))
+        torch.testing.assert_close(
+            torch.as_tensor(a["scores"]), torch.as_tensor(b["scores"]), rtol=1e-4, atol=1e-5
+        )
+        # mask pixels may only flip where a logit sits at the threshold
+        agree = [
+            (mask_util.decode(x) == mask_util.decode(y)).mean()
+            for x, y in zip(a["rles"], b["rles"])
+        ]
+        assert min(agree) > 0.999
+    cfg.TEST.IMS_PER_BATCH = 0
+    with pytest.raises(ValueError, match="TEST.IMS_PER_BATCH"):
+        build_test_loader(cfg, records)
