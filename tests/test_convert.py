@@ -11,6 +11,7 @@ from gdseg.convert import (
     from_transformers,
     load_published_state_dict,
 )
+from gdseg.modeling.transformer_decoder import layer_predictions
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -78,7 +79,7 @@ def test_from_transformers_matches_every_decoder_layer(kind):
     ref_masks = [a["masks_queries_logits"] for a in ref.auxiliary_logits] + [
         ref.masks_queries_logits
     ]
-    preds = [*out["aux_outputs"], out]
+    preds = layer_predictions(out)
     assert len(preds) == len(ref_logits) == 10
     masked = [(m < 0).float().mean().item() for m in ref_masks]
     assert min(masked) > 0.02 and max(masked) < 0.98  # the masked attention is exercised
@@ -213,7 +214,7 @@ def test_from_transformers_gradients_match():
     ).backward()
     sum(
         (p["pred_masks"] * w).sum() + p["pred_logits"].sum()
-        for p, w in zip([*out["aux_outputs"], out], weights)
+        for p, w in zip(layer_predictions(out), weights)
     ).backward()
     ref_grads = head_state_dict_from_transformers(
         {k: p.grad for k, p in hf.named_parameters() if p.grad is not None}

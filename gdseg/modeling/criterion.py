@@ -156,8 +156,9 @@ class SetCriterion(nn.Module):
                 ``outputs["mask_features"]`` ``[B, C, h, w]`` is given (Mask2Former's
                 outputs, ``pred_masks = mask_embed @ mask_features``), the masks of matched
                 queries are recomputed from these two factors and the gradient flows through
-                them: ``pred_masks`` is then only read (matching, point selection), and no
-                gradient the size of all ``B x Q`` masks of every layer is ever formed.
+                them; the matcher forms mask logits at its points only, so ``pred_masks`` is
+                not needed (Mask2Former's auxiliary predictions do not hold it), and no mask
+                or gradient the size of all ``B x Q`` masks of every layer is ever formed.
             targets: ``B`` dicts ``{"labels": int64 [N_b], "masks": [N_b, H, W]}``; masks bool
                 or float, covering the same (padded) frame as the predictions at any
                 resolution. ``N_b`` may be 0.
@@ -174,14 +175,14 @@ class SetCriterion(nn.Module):
 
         with torch.autocast(device_type=device.type, enabled=False):
             num_masks = average_num_masks(sum(len(t["labels"]) for t in targets), device)
-            matches = self.matcher.match_layers(layers, targets)
+            factored = all("mask_embed" in o for o in layers)
+            features = outputs.get("mask_features") if factored else None
+            matches = self.matcher.match_layers(layers, targets, mask_features=features)
             rows = _flatten_matches(matches, device)
             per_layer: dict[str, Tensor] = {}
             if "labels" in self.losses:
                 per_layer["loss_ce"] = self._loss_labels(layers, targets, rows)
             if "masks" in self.losses:
-                factored = all("mask_embed" in o for o in layers)
-                features = outputs.get("mask_features") if factored else None
                 per_layer.update(self._loss_masks(layers, targets, rows, num_masks, features))
 
         losses = {}

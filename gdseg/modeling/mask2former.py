@@ -41,12 +41,14 @@ class Mask2Former(nn.Module):
 
     ``forward(images)``: ``images`` is ``[B, 3, H, W]`` normalized float with H and W multiples
     of 32. In train and in eval mode it returns ``{"pred_logits": [B, Q, K+1],
-    "pred_masks": [B, Q, H/4, W/4], "aux_outputs": [{"pred_logits", "pred_masks"}] * (L - 1)}``
+    "pred_masks": [B, Q, H/4, W/4], "aux_outputs": [{"pred_logits", "mask_embed"}] * (L - 1)}``
     (mask logits, not probabilities; the last class is "no object"; ``aux_outputs`` holds the
     predictions of the learnable queries and of every decoder layer but the last). Every
     prediction also holds its ``"mask_embed"`` ``[B, Q, C]`` and the output holds
     ``"mask_features"`` ``[B, C, H/4, W/4]``, with ``pred_masks = mask_embed @ mask_features``:
-    the criterion recomputes the few masks it trains from them.
+    the criterion recomputes the few masks it trains from them, and the auxiliary predictions
+    leave their full-resolution masks unformed
+    (:func:`gdseg.modeling.transformer_decoder.predicted_masks` forms them).
     """
 
     def __init__(self, backbone: nn.Module, sem_seg_head: MaskFormerHead):

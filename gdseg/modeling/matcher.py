@@ -90,6 +90,7 @@ class HungarianMatcher(nn.Module):
         layer_outputs: Sequence[dict[str, Tensor]],
         targets: Sequence[dict[str, Tensor]],
         point_coords: Tensor | None = None,
+        mask_features: Tensor | None = None,
     ) -> list[Indices]:
         """Match the predictions of several decoder layers against the same targets.
 
@@ -98,11 +99,15 @@ class HungarianMatcher(nn.Module):
             targets: as in :meth:`forward`.
             point_coords: ``[B, P, 2]`` normalized ``(x, y)`` points per image; default
                 ``uniform_points(B, num_points)`` (a single ``torch.rand`` call).
+            mask_features: ``[B, C, h, w]``; with it, every layer gives ``"mask_embed"``
+                ``[B, Q, C]`` instead of ``"pred_masks"`` (``pred_masks = mask_embed @
+                mask_features``) and the mask logits are only formed at the points.
 
         Returns:
             For each layer, the ``B`` index pairs of :meth:`forward`.
         """
-        first = layer_outputs[0]["pred_masks"]
+        factored = mask_features is not None
+        first = layer_outputs[0]["mask_embed" if factored else "pred_masks"]
         batch = first.shape[0]
         device = first.device
         if len(targets) != batch:
@@ -115,7 +120,7 @@ class HungarianMatcher(nn.Module):
             point_coords = uniform_points(batch, self.num_points, device)
         point_coords = point_coords.float()
         images = [b for b, n in enumerate(sizes) if n > 0]
-        height, width = first.shape[-2:]
+        height, width = (mask_features if factored else first).shape[-2:]
         with torch.autocast(device_type=device.type, enabled=False):
             probs = [o["pred_logits"].float().softmax(-1) for o in layer_outputs]
             costs = []
@@ -124,23 +129,20 @@ class HungarianMatcher(nn.Module):
                 target = sample_masks_at_points(targets[b]["masks"].to(device), coords)  # [N, P]
                 labels = targets[b]["labels"].to(device)
                 # The bilinear weights of the image's points serve every layer and query;
-                # embedding_bag over a [h*w, Q] table is a fused gather-and-weight in which
-                # each point reads 4 contiguous rows of Q logits (faster than grid_sample).
+                # embedding_bag over a [h*w, X] table is a fused gather-and-weight in which
+                # each point reads 4 contiguous rows (faster than grid_sample).
                 index, weight = bilinear_weights(coords, height, width)
-                # one [h*w, Q] buffer for every layer: a fresh one per layer costs more than
-                # the transposing copy itself on the CPU (first-touch page faults)
-                table = torch.empty(height * width, first.shape[1], device=device)
-                layer_costs = []
-                for outputs, prob in zip(layer_outputs, probs):
-                    table.copy_(outputs["pred_masks"][b].flatten(1).t())
-                    pred = F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
-                    cost_bce, cost_dice = pairwise_mask_costs(pred, target)  # [Q, N]
-                    layer_costs.append(
-                        self.cost_mask * cost_bce
-                        + self.cost_class * -prob[b][:, labels]
-                        + self.cost_dice * cost_dice
-                    )
-                cost = torch.stack(layer_costs)  # [L, Q, N]
+                if factored:
+                    pred = self._point_logits_factored(layer_outputs, mask_features, b, index, weight)
+                else:
+                    pred = self._point_logits(layer_outputs, b, index, weight, height * width)
+                cost_bce, cost_dice = pairwise_mask_costs(pred, target)  # [L*Q, N]
+                cost_class = torch.cat([-prob[b][:, labels] for prob in probs])
+                cost = (
+                    self.cost_mask * cost_bce
+                    + self.cost_class * cost_class
+                    + self.cost_dice * cost_dice
+                ).view(len(layer_outputs), -1, len(labels))  # [L, Q, N]
                 big = torch.finfo(cost.dtype).max
                 costs.append(torch.nan_to_num(cost, nan=big, posinf=big, neginf=big))
             # One device->host copy for every layer and image.
@@ -166,6 +168,39 @@ class HungarianMatcher(nn.Module):
                 )
             matches.append(per_image)
         return matches
+
+    @staticmethod
+    def _point_logits(
+        layer_outputs: Sequence[dict[str, Tensor]], b: int, index: Tensor, weight: Tensor, hw: int
+    ) -> Tensor:
+        """``[P, L*Q]`` mask logits of image ``b`` at the points, from ``pred_masks``."""
+        # one [h*w, Q] buffer for every layer: a fresh one per layer costs more than the
+        # transposing copy itself on the CPU (first-touch page faults)
+        table = torch.empty(hw, layer_outputs[0]["pred_masks"].shape[1], device=index.device)
+        logits = []
+        for outputs in layer_outputs:
+            table.copy_(outputs["pred_masks"][b].flatten(1).t())
+            logits.append(F.embedding_bag(index, table, per_sample_weights=weight, mode="sum"))
+        return torch.cat(logits, dim=1)
+
+    @staticmethod
+    def _point_logits_factored(
+        layer_outputs: Sequence[dict[str, Tensor]],
+        mask_features: Tensor,
+        b: int,
+        index: Tensor,
+        weight: Tensor,
+    ) -> Tensor:
+        """``[P, L*Q]`` mask logits of image ``b`` at the points, from the mask factors.
+
+        Bilinear sampling is linear, so sampling ``mask_embed @ mask_features`` at a point
+        equals ``mask_embed @`` (the features sampled there): the features are gathered once
+        per image and one product serves every layer; no full-resolution mask is formed.
+        """
+        table = mask_features[b].float().flatten(1).t().contiguous()  # [h*w, C]
+        point_features = F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
+        embeds = torch.cat([o["mask_embed"][b] for o in layer_outputs]).float()  # [L*Q, C]
+        return point_features @ embeds.t()
 
     def extra_repr(self) -> str:
         return (

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .pixel_decoder import c2_xavier_fill
 from .position_encoding import PositionEmbeddingSine
 
-__all__ = ["MultiScaleMaskedTransformerDecoder"]
+__all__ = ["MultiScaleMaskedTransformerDecoder", "layer_predictions", "predicted_masks"]
 
 
 class Attention(nn.Module):
@@ -152,6 +152,26 @@ class MLP(nn.Module):
         return x
 
 
+def predicted_masks(mask_embed: Tensor, mask_features: Tensor) -> Tensor:
+    """Mask logits ``[B, Q, H, W]`` from ``mask_embed`` ``[B, Q, C]`` and ``mask_features``
+    ``[B, C, H, W]`` (``pred_masks`` of an auxiliary prediction)."""
+    B, C, H, W = mask_features.shape
+    features = mask_features.reshape(B, C, H * W).to(mask_embed.dtype)
+    return torch.bmm(mask_embed, features).view(B, -1, H, W)
+
+
+def layer_predictions(outputs: dict) -> list[dict[str, Tensor]]:
+    """Every layer's prediction of a decoder output, first to last, each with its
+    ``pred_masks`` (formed here for the auxiliary ones)."""
+    features = outputs["mask_features"]
+    aux = [
+        {**a, "pred_masks": predicted_masks(a["mask_embed"], features)}
+        for a in outputs.get("aux_outputs", [])
+    ]
+    last = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "mask_features")}
+    return [*aux, last]
+
+
 def bilinear_downsample(x: Tensor, size: tuple[int, int]) -> Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` of ``[B, C, H, W]``.
 
@@ -248,9 +268,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         Returns:
             ``{"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H, W], "mask_embed":
             [B, Q, mask_dim], "mask_features", "aux_outputs": [...]}``, ``aux_outputs``
-            holding the ``dec_layers`` earlier predictions (``pred_logits``, ``pred_masks``,
-            ``mask_embed``), first to last. ``pred_masks`` is ``mask_embed @ mask_features``;
-            the criterion uses the two factors to compute only the masks it needs.
+            holding the ``dec_layers`` earlier predictions (``pred_logits``, ``mask_embed``),
+            first to last. ``pred_masks`` is ``mask_embed @ mask_features``; the earlier
+            predictions do not form it (:func:`predicted_masks` does, on demand): the
+            criterion and the matcher use the two factors to compute only what they need, and
+            inference reads the last prediction only.
         """
         if len(x) != self.num_feature_levels:
             raise ValueError(f"expected {self.num_feature_levels} feature maps, got {len(x)}")
@@ -274,7 +296,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             }
         predictions = []
         prediction, attn_mask = self.forward_prediction_heads(
-            output, mask_features, attn_features[sizes[0]]
+            output, mask_features, attn_features[sizes[0]], with_masks=False
         )
         predictions.append(prediction)
         for i in range(self.num_layers):
@@ -286,12 +308,18 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             output = self.transformer_ffn_layers[i](output)
             last = i == self.num_layers - 1
             target = None if last else attn_features[sizes[(i + 1) % self.num_feature_levels]]
-            prediction, attn_mask = self.forward_prediction_heads(output, mask_features, target)
+            prediction, attn_mask = self.forward_prediction_heads(
+                output, mask_features, target, with_masks=last
+            )
             predictions.append(prediction)
         return {**predictions[-1], "mask_features": mask_features, "aux_outputs": predictions[:-1]}
 
     def forward_prediction_heads(
-        self, output: Tensor, mask_features: Tensor, attn_features: Tensor | None = None
+        self,
+        output: Tensor,
+        mask_features: Tensor,
+        attn_features: Tensor | None = None,
+        with_masks: bool = True,
     ) -> tuple[dict[str, Tensor], Tensor | None]:
         """Predictions of one layer and the attention mask of the next.
 
@@ -300,23 +328,20 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             mask_features: ``[B, mask_dim, H, W]``.
             attn_features: ``[B, mask_dim, h*w]``, the mask features resized to the next
                 layer's feature level (see :func:`bilinear_downsample`), or None for no mask.
+            with_masks: also form the full-resolution ``pred_masks``.
 
         Returns:
             ``{"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H, W], "mask_embed":
-            [B, Q, mask_dim]}`` (``pred_masks = mask_embed @ mask_features``) and the attention
-            mask (bool ``[B, 1, Q, h*w]``, True = may attend) or None.
+            [B, Q, mask_dim]}`` (``pred_masks = mask_embed @ mask_features``; absent without
+            ``with_masks``) and the attention mask (bool ``[B, 1, Q, h*w]``, True = may
+            attend) or None.
         """
         decoder_output = self.decoder_norm(output)
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
-        B, C, H, W = mask_features.shape
-        features = mask_features.reshape(B, C, H * W).to(mask_embed.dtype)
-        outputs_mask = torch.bmm(mask_embed, features).view(B, -1, H, W)
-        prediction = {
-            "pred_logits": outputs_class,
-            "pred_masks": outputs_mask,
-            "mask_embed": mask_embed,
-        }
+        prediction = {"pred_logits": outputs_class, "mask_embed": mask_embed}
+        if with_masks:
+            prediction["pred_masks"] = predicted_masks(mask_embed, mask_features)
         if attn_features is None:
             return prediction, None
         with torch.no_grad():

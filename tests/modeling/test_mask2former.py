@@ -5,6 +5,7 @@ from torch import nn
 from gdseg.config import get_cfg
 from gdseg.modeling import Mask2Former, build_model, build_sem_seg_head
 from gdseg.modeling.backbones import ShapeSpec
+from gdseg.modeling.transformer_decoder import layer_predictions
 
 TINY = [
     "MODEL.BACKBONE.NAME", "resnet18",
@@ -54,7 +55,9 @@ def _check_outputs(out, B, Q, K, H, W, layers):
     assert len(out["aux_outputs"]) == layers - 1
     for aux in out["aux_outputs"]:
         assert aux["pred_logits"].shape == (B, Q, K + 1)
-        assert aux["pred_masks"].shape == (B, Q, H // 4, W // 4)
+        assert aux["mask_embed"].shape[:2] == (B, Q) and "pred_masks" not in aux
+    for pred in layer_predictions(out):
+        assert pred["pred_masks"].shape == (B, Q, H // 4, W // 4)
 
 
 def test_build_model_outputs_in_train_and_eval():
@@ -79,7 +82,7 @@ def test_every_parameter_gets_a_gradient_with_fake_backbone():
     model = Mask2Former(backbone, build_sem_seg_head(cfg, backbone.output_shape())).train()
     out = model(torch.randn(1, 3, 64, 64))
     _check_outputs(out, B=1, Q=6, K=3, H=64, W=64, layers=4)
-    loss = sum(o["pred_logits"].sum() + o["pred_masks"].sum() for o in [out, *out["aux_outputs"]])
+    loss = sum(o["pred_logits"].sum() + o["pred_masks"].sum() for o in layer_predictions(out))
     loss.backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
@@ -89,7 +92,7 @@ def test_bf16_autocast_gives_finite_outputs_and_gradients():
     model = build_model(_tiny_cfg()).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(2, 3, 64, 64))
-    tensors = [t for o in [out, *out["aux_outputs"]] for t in (o["pred_logits"], o["pred_masks"])]
+    tensors = [t for o in layer_predictions(out) for t in (o["pred_logits"], o["pred_masks"])]
     assert all(torch.isfinite(t).all() for t in tensors)
     sum(t.float().mean() for t in tensors).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -180,3 +180,35 @@ def test_matcher_indices_equal_transformers(monkeypatch):
         )
         for (r1, c1), (r2, c2) in zip(ours_layer, theirs):
             assert torch.equal(r1, r2) and torch.equal(c1, c2)
+
+
+def test_factored_matching_equals_matching_full_masks():
+    """mask_embed + mask_features (no full-resolution masks) give the assignment of the
+    ``pred_masks = mask_embed @ mask_features`` they stand for, on every layer."""
+    torch.manual_seed(0)
+    batch, queries, channels, classes, num_points = 2, 12, 8, 5, 400
+    features = torch.randn(batch, channels, 12, 16)
+    layers = []
+    for _ in range(4):
+        embed = torch.randn(batch, queries, channels)
+        layers.append(
+            {
+                "pred_logits": torch.randn(batch, queries, classes + 1),
+                "mask_embed": embed,
+                "pred_masks": torch.einsum("bqc,bchw->bqhw", embed, features),
+            }
+        )
+    targets = _random_targets([3, 5], classes, 48, 64)
+    points = torch.rand(batch, num_points, 2)
+    matcher = HungarianMatcher(2.0, 5.0, 5.0, num_points)
+    full = matcher.match_layers(layers, targets, points)
+    factors_only = [{k: v for k, v in o.items() if k != "pred_masks"} for o in layers]
+    factored = matcher.match_layers(factors_only, targets, points, mask_features=features)
+    for full_layer, factored_layer in zip(full, factored):
+        for (r1, c1), (r2, c2) in zip(full_layer, factored_layer):
+            assert torch.equal(r1, r2) and torch.equal(c1, c2)
+    # and the assignments are not trivial: another feature map changes them
+    other = matcher.match_layers(factors_only, targets, points, mask_features=-features)
+    assert any(
+        not torch.equal(a[1], b[1]) for fl, ol in zip(full, other) for a, b in zip(fl, ol)
+    )

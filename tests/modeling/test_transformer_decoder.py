@@ -7,6 +7,7 @@ from gdseg.modeling.transformer_decoder import (
     Attention,
     MultiScaleMaskedTransformerDecoder,
     bilinear_downsample,
+    layer_predictions,
 )
 
 SIZES = [(2, 3), (4, 6), (8, 12)]
@@ -102,10 +103,7 @@ def test_decoder_matches_published_formulation():
     with torch.no_grad():
         out = dec(x, mask_features)
         ref = reference_decoder(dec, x, mask_features)
-    ours = [
-        *out["aux_outputs"],
-        {"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]},
-    ]
+    ours = layer_predictions(out)
     assert len(ours) == len(ref) == 5
     for o, (logits, masks, _) in zip(ours, ref):
         torch.testing.assert_close(o["pred_logits"], logits.float(), atol=1e-4, rtol=1e-4)
@@ -122,7 +120,8 @@ def test_output_structure_train_and_eval():
         assert out["pred_logits"].shape == (2, 7, 6)
         assert out["pred_masks"].shape == (2, 7, 16, 24)
         assert len(out["aux_outputs"]) == 5
-        assert all(a["pred_masks"].shape == (2, 7, 16, 24) for a in out["aux_outputs"])
+        assert all("pred_masks" not in a for a in out["aux_outputs"])  # formed on demand
+        assert all(a["pred_masks"].shape == (2, 7, 16, 24) for a in layer_predictions(out))
 
 
 def test_attention_mask_unmasks_fully_masked_queries():
