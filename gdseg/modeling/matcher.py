@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,19 @@ def pairwise_mask_costs(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     denominator = prob.sum(0) + target.sum(1, keepdim=True)
     cost_dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)
     return cost_bce.t(), cost_dice.t()
+
+
+# Layers are costed in chunks of at most this many point logits (16 MB in float32): below
+# glibc's largest mmap threshold (32 MB), the chunk's temporaries are reused heap memory; a
+# larger one is mapped fresh on every call and its first touch page-faults (~2 us per 4 KiB
+# on the benchmark VM: slower than the arithmetic).
+_MAX_CHUNK_LOGITS = 1 << 22
+
+
+def _layer_chunks(num_layers: int, logits_per_layer: int) -> list[range]:
+    """Consecutive layer ranges of at most ``_MAX_CHUNK_LOGITS`` logits (>= 1 layer each)."""
+    step = max(1, _MAX_CHUNK_LOGITS // max(logits_per_layer, 1))
+    return [range(i, min(i + step, num_layers)) for i in range(0, num_layers, step)]
 
 
 class HungarianMatcher(nn.Module):
@@ -133,16 +146,19 @@ class HungarianMatcher(nn.Module):
                 # each point reads 4 contiguous rows (faster than grid_sample).
                 index, weight = bilinear_weights(coords, height, width)
                 if factored:
-                    pred = self._point_logits_factored(layer_outputs, mask_features, b, index, weight)
+                    logits = self._factored_logits(layer_outputs, mask_features, b, index, weight)
                 else:
-                    pred = self._point_logits(layer_outputs, b, index, weight, height * width)
-                cost_bce, cost_dice = pairwise_mask_costs(pred, target)  # [L*Q, N]
-                cost_class = torch.cat([-prob[b][:, labels] for prob in probs])
-                cost = (
-                    self.cost_mask * cost_bce
-                    + self.cost_class * cost_class
-                    + self.cost_dice * cost_dice
-                ).view(len(layer_outputs), -1, len(labels))  # [L, Q, N]
+                    logits = self._sampled_logits(layer_outputs, b, index, weight, height * width)
+                parts = []
+                for layers in _layer_chunks(len(layer_outputs), coords.shape[0] * first.shape[1]):
+                    cost_bce, cost_dice = pairwise_mask_costs(logits(layers), target)
+                    cost_class = torch.cat([-probs[i][b][:, labels] for i in layers])
+                    parts.append(
+                        self.cost_mask * cost_bce
+                        + self.cost_class * cost_class
+                        + self.cost_dice * cost_dice
+                    )
+                cost = torch.cat(parts).view(len(layer_outputs), -1, len(labels))  # [L, Q, N]
                 big = torch.finfo(cost.dtype).max
                 costs.append(torch.nan_to_num(cost, nan=big, posinf=big, neginf=big))
             # One device->host copy for every layer and image.
@@ -170,37 +186,47 @@ class HungarianMatcher(nn.Module):
         return matches
 
     @staticmethod
-    def _point_logits(
+    def _sampled_logits(
         layer_outputs: Sequence[dict[str, Tensor]], b: int, index: Tensor, weight: Tensor, hw: int
-    ) -> Tensor:
-        """``[P, L*Q]`` mask logits of image ``b`` at the points, from ``pred_masks``."""
+    ) -> Callable[[range], Tensor]:
+        """``layers -> [P, len(layers) * Q]`` mask logits of image ``b`` at the points, read
+        from ``pred_masks``."""
         # one [h*w, Q] buffer for every layer: a fresh one per layer costs more than the
         # transposing copy itself on the CPU (first-touch page faults)
         table = torch.empty(hw, layer_outputs[0]["pred_masks"].shape[1], device=index.device)
-        logits = []
-        for outputs in layer_outputs:
-            table.copy_(outputs["pred_masks"][b].flatten(1).t())
-            logits.append(F.embedding_bag(index, table, per_sample_weights=weight, mode="sum"))
-        return torch.cat(logits, dim=1)
+
+        def logits(layers: range) -> Tensor:
+            parts = []
+            for i in layers:
+                table.copy_(layer_outputs[i]["pred_masks"][b].flatten(1).t())
+                parts.append(F.embedding_bag(index, table, per_sample_weights=weight, mode="sum"))
+            return torch.cat(parts, dim=1)
+
+        return logits
 
     @staticmethod
-    def _point_logits_factored(
+    def _factored_logits(
         layer_outputs: Sequence[dict[str, Tensor]],
         mask_features: Tensor,
         b: int,
         index: Tensor,
         weight: Tensor,
-    ) -> Tensor:
-        """``[P, L*Q]`` mask logits of image ``b`` at the points, from the mask factors.
+    ) -> Callable[[range], Tensor]:
+        """``layers -> [P, len(layers) * Q]`` mask logits of image ``b`` at the points, from
+        ``mask_embed`` and ``mask_features``.
 
         Bilinear sampling is linear, so sampling ``mask_embed @ mask_features`` at a point
         equals ``mask_embed @`` (the features sampled there): the features are gathered once
-        per image and one product serves every layer; no full-resolution mask is formed.
+        per image, one product serves several layers, and no full-resolution mask is formed.
         """
         table = mask_features[b].float().flatten(1).t().contiguous()  # [h*w, C]
         point_features = F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
-        embeds = torch.cat([o["mask_embed"][b] for o in layer_outputs]).float()  # [L*Q, C]
-        return point_features @ embeds.t()
+
+        def logits(layers: range) -> Tensor:
+            embeds = [layer_outputs[i]["mask_embed"][b] for i in layers]
+            return point_features @ torch.cat(embeds).float().t()
+
+        return logits
 
     def extra_repr(self) -> str:
         return (

@@ -182,9 +182,12 @@ def test_matcher_indices_equal_transformers(monkeypatch):
             assert torch.equal(r1, r2) and torch.equal(c1, c2)
 
 
-def test_factored_matching_equals_matching_full_masks():
+@pytest.mark.parametrize("chunk_logits", [1, 2 * 400 * 12, 1 << 22])  # 1, 2 or all layers
+def test_factored_matching_equals_matching_full_masks(chunk_logits, monkeypatch):
     """mask_embed + mask_features (no full-resolution masks) give the assignment of the
-    ``pred_masks = mask_embed @ mask_features`` they stand for, on every layer."""
+    ``pred_masks = mask_embed @ mask_features`` they stand for, on every layer, whatever the
+    number of layers costed at once."""
+    monkeypatch.setattr("gdseg.modeling.matcher._MAX_CHUNK_LOGITS", chunk_logits)
     torch.manual_seed(0)
     batch, queries, channels, classes, num_points = 2, 12, 8, 5, 400
     features = torch.randn(batch, channels, 12, 16)
@@ -209,6 +212,4 @@ def test_factored_matching_equals_matching_full_masks():
             assert torch.equal(r1, r2) and torch.equal(c1, c2)
     # and the assignments are not trivial: another feature map changes them
     other = matcher.match_layers(factors_only, targets, points, mask_features=-features)
-    assert any(
-        not torch.equal(a[1], b[1]) for fl, ol in zip(full, other) for a, b in zip(fl, ol)
-    )
+    assert any(not torch.equal(a[1], b[1]) for fl, ol in zip(full, other) for a, b in zip(fl, ol))
