@@ -475,17 +475,23 @@ ROW_NAMES = {
 TARGETS = {"train": 0.6, "infer": 0.7, "gd": 2.4}  # issue 6 acceptance (A/B at most)
 
 
-def render(args, results: dict, loads: dict, date: str) -> str:
-    """The BENCHMARKS.md section: header, ratio table, memory, breakdown."""
+def environment(threads: int) -> str:
+    """Machine and versions of this process (kept in --save files, so --render reports the
+    machine that ran, not the one that renders)."""
     import transformers
 
+    return (
+        f"{machine()}, torch {torch.__version__} ({threads} thread(s)), transformers "
+        f"{transformers.__version__}, Python {platform.python_version()}"
+    )
+
+
+def render(args, results: dict, loads: dict, date: str, env: str) -> str:
+    """The BENCHMARKS.md section: header, ratio table, memory, breakdown."""
     lines = [
         "## Training step, inference, guided distillation (`benchmarks/train_step.py`)",
         "",
-        f"{date}, {machine()}, torch {torch.__version__} "
-        f"({args.threads} thread(s)), transformers {transformers.__version__}, "
-        f"Python {platform.python_version()}. Load average (1/5/15 min) before the run: "
-        f"{loads['start']}.",
+        f"{date}, {env}. Load average (1/5/15 min) before the run: {loads['start']}.",
         f"Work: ResNet-50 Mask2Former, published COCO settings, 80 classes, fp32, batch "
         f"{args.batch} at {args.size}x{args.size}, {args.instances} instances/image, fused AdamW + "
         f"clipping; inference: 1 image at {args.infer_size}x{args.infer_size}, eval, no_grad. "
@@ -632,7 +638,8 @@ def main() -> None:
     if args.render:
         saved = json.loads(Path(args.render).read_text())
         options = {**saved["args"], "note": args.note or saved["args"]["note"], "write": args.write}
-        _report(argparse.Namespace(**options), saved["results"], saved["loads"], saved["date"])
+        env = saved.get("environment") or environment(options["threads"])  # older files
+        _report(argparse.Namespace(**options), saved["results"], saved["loads"], saved["date"], env)
         return
     fns = {
         "train": row_train,
@@ -663,12 +670,13 @@ def main() -> None:
                 print(f"  {k}: " + ", ".join(f"{n} {t:.3f}" for n, t in v.items()), flush=True)
         if args.save:
             saved = {"args": vars(args), "results": results, "loads": loads}
-            Path(args.save).write_text(json.dumps({**saved, "date": str(datetime.date.today())}))
-    _report(args, results, loads, str(datetime.date.today()))
+            saved.update(date=str(datetime.date.today()), environment=environment(args.threads))
+            Path(args.save).write_text(json.dumps(saved))
+    _report(args, results, loads, str(datetime.date.today()), environment(args.threads))
 
 
-def _report(args, results: dict, loads: dict, date: str) -> None:
-    text = render(args, results, loads, date)
+def _report(args, results: dict, loads: dict, date: str, env: str) -> None:
+    text = render(args, results, loads, date, env)
     print(text)
     if args.write:
         write_section("train_step", text)

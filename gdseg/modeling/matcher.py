@@ -39,10 +39,14 @@ def pairwise_mask_costs(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return cost_bce.t(), cost_dice.t()
 
 
-# Layers are costed in chunks of at most this many point logits (16 MB in float32): below
-# glibc's largest mmap threshold (32 MB), the chunk's temporaries are reused heap memory; a
-# larger one is mapped fresh on every call and its first touch page-faults (~2 us per 4 KiB
-# on the benchmark VM: slower than the arithmetic).
+# Layers are costed in chunks of at most this many point logits (16 MB in float32), which
+# bounds the temporaries of a chunk (logits, softplus, sigmoid) whatever the number of layers
+# and queries. Measured on the 2-core benchmark VM, costs of 10 layers x 100 queries x 12544
+# points: all layers at once 103 ms, 3 layers per chunk (this cap) 104 ms, 1-2 layers per chunk
+# 63-81 ms; the difference is first-touch page faults of freshly mapped temporaries (~22k
+# faults per call at >= 3 layers per chunk, ~0-5k below), not arithmetic. A smaller cap
+# would be faster here but moves the costs by float rounding (~1e-7), so it waits for a
+# rerun of the benchmarks measured with this one.
 _MAX_CHUNK_LOGITS = 1 << 22
 
 
