@@ -23,11 +23,15 @@ one process, the order flipping every pair, and the ratio is the median of the p
   built, the peak having been reset through ``/proc/self/clear_refs``).
 - opt-in rows vs gdseg fp32: ``bf16`` (CPU autocast), ``channels_last``, ``compile``
   (``torch.compile`` of the model, compile time reported).
+- allocator: the process runs with gdseg's CPU allocator setting (``KEEP_FREED_MEMORY``,
+  which ``gdseg train`` applies: glibc keeps freed memory instead of page-faulting it in again
+  every step), for both models alike; ``--malloc default`` keeps glibc's defaults.
 - ``breakdown``: forward/backward time per part (backbone, pixel decoder, transformer decoder,
   criterion) of both models, timed by module and tensor hooks inside real steps.
 
     python benchmarks/train_step.py [--rows train infer gd memory bf16 channels_last compile
-        breakdown] [--pairs 5] [--threads 2] [--note TEXT] [--save run.json] [--write]
+        breakdown] [--pairs 5] [--threads 2] [--malloc gdseg|default] [--note TEXT]
+        [--save run.json] [--write]
     python benchmarks/train_step.py --render run.json [--note TEXT] [--write]
 """
 
@@ -54,6 +58,7 @@ from _common import cpu_flags, load, machine, write_section  # noqa: E402
 
 from gdseg.config import get_cfg  # noqa: E402
 from gdseg.engine.amp import resolve_precision  # noqa: E402
+from gdseg.engine.host_memory import keep_freed_memory  # noqa: E402
 from gdseg.engine.optim import build_optimizer  # noqa: E402
 from gdseg.engine.trainer import Preprocess, SemisupSettings, Trainer  # noqa: E402
 from gdseg.modeling import build_criterion, build_model  # noqa: E402
@@ -338,6 +343,8 @@ def row_memory(args) -> dict:
             str(args.instances),
             "--threads",
             str(args.threads),
+            "--malloc",
+            args.malloc,
         ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[case] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -475,14 +482,19 @@ ROW_NAMES = {
 TARGETS = {"train": 0.6, "infer": 0.7, "gd": 2.4}  # issue 6 acceptance (A/B at most)
 
 
-def environment(threads: int) -> str:
-    """Machine and versions of this process (kept in --save files, so --render reports the
-    machine that ran, not the one that renders)."""
+def environment(threads: int, malloc: str) -> str:
+    """Machine, versions and allocator of this process (kept in --save files, so --render
+    reports the machine that ran, not the one that renders)."""
     import transformers
 
+    allocator = (
+        "gdseg's allocator setting (glibc: 32 MiB mmap threshold, no trimming; both models)"
+        if malloc == "gdseg"
+        else "glibc's default allocator settings"
+    )
     return (
         f"{machine()}, torch {torch.__version__} ({threads} thread(s)), transformers "
-        f"{transformers.__version__}, Python {platform.python_version()}"
+        f"{transformers.__version__}, Python {platform.python_version()}, {allocator}"
     )
 
 
@@ -623,6 +635,12 @@ def main() -> None:
         default=1,
         help="threads for the breakdown (1: CPU time is then close to the work done)",
     )
+    p.add_argument(
+        "--malloc",
+        choices=["gdseg", "default"],
+        default="gdseg",
+        help="gdseg: the allocator setting gdseg train applies (KEEP_FREED_MEMORY); default: glibc's",
+    )
     p.add_argument("--note", default="", help="a paragraph added to the section (e.g. load)")
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     p.add_argument("--save", default="", help="also keep the results in this json (per row)")
@@ -632,13 +650,16 @@ def main() -> None:
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.malloc == "gdseg" and not args.render and not keep_freed_memory():
+        print("note: gdseg's allocator setting does not apply here (not glibc, or MALLOC_* set)")
     if args.memory_child:
         memory_child(args)
         return
     if args.render:
         saved = json.loads(Path(args.render).read_text())
         options = {**saved["args"], "note": args.note or saved["args"]["note"], "write": args.write}
-        env = saved.get("environment") or environment(options["threads"])  # older files
+        # older files: no environment saved
+        env = saved.get("environment") or environment(options["threads"], "default")
         _report(argparse.Namespace(**options), saved["results"], saved["loads"], saved["date"], env)
         return
     fns = {
@@ -670,9 +691,12 @@ def main() -> None:
                 print(f"  {k}: " + ", ".join(f"{n} {t:.3f}" for n, t in v.items()), flush=True)
         if args.save:
             saved = {"args": vars(args), "results": results, "loads": loads}
-            saved.update(date=str(datetime.date.today()), environment=environment(args.threads))
+            env = environment(args.threads, args.malloc)
+            saved.update(date=str(datetime.date.today()), environment=env)
             Path(args.save).write_text(json.dumps(saved))
-    _report(args, results, loads, str(datetime.date.today()), environment(args.threads))
+    _report(
+        args, results, loads, str(datetime.date.today()), environment(args.threads, args.malloc)
+    )
 
 
 def _report(args, results: dict, loads: dict, date: str, env: str) -> None:

@@ -15,6 +15,13 @@ _C.VERSION = Key(2, "Config format version (detectron2 compatibility).")
 _C.OUTPUT_DIR = Key("./output", "Folder for checkpoints, metrics, evaluation results and logs.")
 _C.SEED = Key(-1, "Global random seed; negative means a time-based seed (recorded in the run).")
 _C.CUDNN_BENCHMARK = Key(False, "Enable cudnn.benchmark (faster for fixed input sizes).")
+_C.KEEP_FREED_MEMORY = Key(
+    True,
+    "Keep freed CPU memory in the process (glibc malloc: fixed 32 MiB mmap threshold, no heap "
+    "trimming) so each iteration reuses it instead of page-faulting it in again; the resident "
+    "set then stays at its peak. Skipped when MALLOC_* variables are set or jemalloc/tcmalloc is "
+    "preloaded (gdseg.engine.host_memory).",
+)
 
 # ---------------------------------------------------------------------------------------------
 _C.MODEL = CN()

@@ -33,6 +33,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .hooks import EvalHook, LRScheduler, MetricsWriter, PeriodicCheckpointer, TeacherUpdate
+from .host_memory import keep_freed_memory
 from .launch import launch
 from .optim import build_lr_scheduler, build_optimizer
 from .trainer import Preprocess, SemisupSettings, Trainer
@@ -160,6 +161,8 @@ def setup(args: argparse.Namespace) -> CfgNode:
         logger.info("Config written to %s", os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
     seed_all(cfg.SEED)
     torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)
+    if cfg.KEEP_FREED_MEMORY:
+        keep_freed_memory()
     return cfg
 
 

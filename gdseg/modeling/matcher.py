@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from .linear import linear
 from .point_sampling import bilinear_weights, sample_masks_at_points, uniform_points
 
 __all__ = ["HungarianMatcher", "pairwise_mask_costs"]
@@ -228,7 +229,7 @@ class HungarianMatcher(nn.Module):
 
         def logits(layers: range) -> Tensor:
             embeds = [layer_outputs[i]["mask_embed"][b] for i in layers]
-            return point_features @ torch.cat(embeds).float().t()
+            return linear(point_features, torch.cat(embeds).float())
 
         return logits
 

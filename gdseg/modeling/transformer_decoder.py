@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .linear import Linear, linear
 from .pixel_decoder import c2_xavier_fill
 from .position_encoding import PositionEmbeddingSine
 
@@ -32,7 +33,7 @@ class Attention(nn.Module):
         self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = Linear(embed_dim, embed_dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.constant_(self.out_proj.bias, 0.0)
 
@@ -48,11 +49,11 @@ class Attention(nn.Module):
         C = self.embed_dim
         w, b = self.in_proj_weight, self.in_proj_bias
         if key is query:
-            q, k = F.linear(query, w[: 2 * C], b[: 2 * C]).split(C, dim=-1)
+            q, k = linear(query, w[: 2 * C], b[: 2 * C]).split(C, dim=-1)
         else:
-            q = F.linear(query, w[:C], b[:C])
-            k = F.linear(key, w[C : 2 * C], b[C : 2 * C])
-        v = F.linear(value, w[2 * C :], b[2 * C :])
+            q = linear(query, w[:C], b[:C])
+            k = linear(key, w[C : 2 * C], b[C : 2 * C])
+        v = linear(value, w[2 * C :], b[2 * C :])
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
@@ -115,8 +116,8 @@ class FFNLayer(nn.Module):
         normalize_before: bool = False,
     ):
         super().__init__()
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear1 = Linear(d_model, dim_feedforward)
+        self.linear2 = Linear(dim_feedforward, d_model)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = dropout
         self.normalize_before = normalize_before
@@ -142,7 +143,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
         outs = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
+        self.layers = nn.ModuleList(Linear(i, o) for i, o in zip(dims, outs))
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
@@ -255,7 +256,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 self.input_proj.append(conv)
             else:
                 self.input_proj.append(nn.Identity())
-        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.class_embed = Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
     def forward(self, x: list[Tensor], mask_features: Tensor) -> dict:
