@@ -13,6 +13,7 @@ import torch
 
 from gdseg.demo import add_demo_args, format_table, main, run_demo
 from gdseg.plots import read_metrics
+from tests.threads import torch_threads
 
 # Seconds, not minutes: 64 px images, 8 training images (4 labeled), 2 validation images,
 # 4 iterations per stage with the burn-in ending at iteration 2.
@@ -30,10 +31,8 @@ TINY = [
 @pytest.fixture(scope="module")
 def one_thread():
     # Two BLAS threads on a shared 2-core machine are many times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 
 PyTorch sends an fp32 ``F.linear`` on the CPU to the BLAS it was built with (MKL in the
 official wheels) and a 1x1 convolution to oneDNN. On one thread the two are as fast; on two
-threads (2-core AMD EPYC, AVX-512) MKL's GEMM ran 1.6-1.8x faster than on one and oneDNN's
-3.3-3.5x, so oneDNN was about 2x faster for this model's shapes (forward + backward of the
+threads (2-core AMD EPYC, AVX-512) MKL's GEMM ran 1.4-2.2x faster than on one and oneDNN's
+3.2-3.3x, so oneDNN was about 2x faster for this model's shapes (forward + backward of the
 pixel decoder's ``[6048, 256] x [256, 1024]`` product: 34 vs 66 ms; a whole R-50 training
 step 2.9 vs 3.75 s).
 The result is the same product up to float rounding (relative ~1e-6). So with several CPU

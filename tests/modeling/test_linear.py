@@ -7,14 +7,13 @@ from torch import nn
 
 import gdseg.modeling.linear as linear_mod
 from gdseg.modeling.linear import Linear, linear
+from tests.threads import torch_threads
 
 
 @pytest.fixture
 def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 def _count_convs(monkeypatch) -> list:
